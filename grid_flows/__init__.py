@@ -1,0 +1,40 @@
+"""grid-flows: Prefect flows that borrow CPU, GPU and memory across a Ray cluster.
+
+Example:
+    ```python
+    from grid_flows import request_boost, release_boost
+
+    boost = request_boost("gpu-master", cpu=2, duration="30m")
+    release_boost(boost.id)
+    ```
+"""
+
+from grid_flows.api import list_boosts, release_boost, request_boost
+from grid_flows.cluster_file import load_cluster_file
+from grid_flows.models import (
+    Boost,
+    BoostState,
+    ClusterSpec,
+    GridError,
+    InvalidRequest,
+    NoCapacity,
+    Priority,
+    Resources,
+)
+from grid_flows.ray_cluster import local_cluster
+
+__all__ = [
+    "Boost",
+    "BoostState",
+    "ClusterSpec",
+    "GridError",
+    "InvalidRequest",
+    "NoCapacity",
+    "Priority",
+    "Resources",
+    "list_boosts",
+    "load_cluster_file",
+    "local_cluster",
+    "release_boost",
+    "request_boost",
+]

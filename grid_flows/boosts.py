@@ -1,0 +1,258 @@
+"""Boost operations: the one code path behind the Python API, the CLI and the flows.
+
+Each operation validates everything before it touches anything, so a rejected request
+leaves no record and no placement group behind. Ray arbitrates capacity (a placement
+group with lend tokens is placed atomically or not at all); Prefect keeps the record.
+
+Example:
+    ```python
+    from grid_flows.boosts import request, release
+    boost = request("gpu-master", cpu=2, duration="30m")
+    release(boost.id)
+    ```
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+from typing import Iterable
+
+from grid_flows import ledger
+from grid_flows import ray_cluster as rc
+from grid_flows.ledger import Event
+from grid_flows.models import (
+    Boost,
+    BoostState,
+    ClusterSpec,
+    GridError,
+    InvalidRequest,
+    NoCapacity,
+    NodeSpec,
+    Priority,
+    Resources,
+    utcnow,
+)
+from grid_flows.settings import GridSettings
+from grid_flows.store import BoostStore
+from grid_flows.units import format_duration, parse_duration
+
+logger = logging.getLogger("grid_flows.boosts")
+
+
+def parse_priority(value: str | Priority) -> Priority:
+    try:
+        return Priority(value.lower() if isinstance(value, str) else value)
+    except (ValueError, AttributeError):
+        choices = ", ".join(p.value for p in Priority)
+        raise InvalidRequest(f"priority: unknown value {value!r}; expected one of {choices}") from None
+
+
+def parse_request_resources(cpu: float | str = 0, gpu: float | str = 0, memory: str | int | None = None) -> Resources:
+    try:
+        resources = Resources.parse(cpu=_number(cpu, "cpu"), gpu=_number(gpu, "gpu"), memory=memory)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if resources.is_zero():
+        raise InvalidRequest("a boost must ask for some cpu, gpu or memory (all were zero)")
+    return resources
+
+
+def _number(value: float | str, what: str) -> float:
+    from grid_flows.units import parse_number
+
+    try:
+        return parse_number(value, what)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def parse_boost_duration(value: str | float | None, spec: ClusterSpec) -> float:
+    sharing = spec.resource_sharing
+    if value is None:
+        return sharing.default_boost_duration_seconds
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if seconds <= 0:
+        raise InvalidRequest(f"duration must be greater than zero, got {value!r}")
+    if seconds > sharing.max_boost_duration_seconds:
+        raise InvalidRequest(
+            f"duration {format_duration(seconds)} is longer than the limit of "
+            f"{format_duration(sharing.max_boost_duration_seconds)}"
+        )
+    return seconds
+
+
+def request(
+    target: str,
+    *,
+    cpu: float | str = 0,
+    gpu: float | str = 0,
+    memory: str | int | None = None,
+    priority: str | Priority = Priority.normal,
+    duration: str | float | None = None,
+    source: str | None = None,
+    address: str | None = None,
+    origin: str = "api",
+) -> Boost:
+    """Grant a boost or raise: InvalidRequest for bad input, NoCapacity when no node can lend."""
+    if not isinstance(target, str) or not target.strip():
+        raise InvalidRequest("target: a node name is required")
+    resources = parse_request_resources(cpu, gpu, memory)
+    prio = parse_priority(priority)
+    with BoostStore() as store:
+        spec = store.load_cluster()
+        seconds = parse_boost_duration(duration, spec)
+        spec.node(target)
+        if source is not None:
+            lender = spec.node(source)
+            if source == target:
+                raise InvalidRequest(f"source and target are both '{source}': a node cannot lend to itself")
+            _check_share(lender, resources)
+        rc.connect(address)
+        expire_overdue(store)
+        candidates = _candidates(spec, target, source, resources)
+        timeout = GridSettings().grant_timeout_seconds
+        for lender in candidates:
+            boost = ledger.new_boost(
+                uuid.uuid4().hex,
+                source=lender,
+                target=target,
+                resources=resources,
+                priority=prio,
+                duration_seconds=seconds,
+                now=utcnow(),
+                origin=origin,
+            )
+            store.create(boost)
+            try:
+                group_id = rc.create_boost_group(boost.placement_group, lender, resources, timeout)
+            except BaseException:
+                store.delete(boost.id)
+                raise
+            if group_id is None:
+                store.delete(boost.id)  # never held anything: leave no trace
+                logger.info("boost on %s not placed within %.1f s; trying the next lender", lender, timeout)
+                continue
+            granted = _activate(store, boost, group_id)
+            store.publish_boosts_table(store.list())
+            store.emit("grid.boost.granted", granted)
+            return granted
+    raise NoCapacity(_no_capacity_message(spec, target, source, resources))
+
+
+def _activate(store: BoostStore, boost: Boost, group_id: str) -> Boost:
+    with store.lock():
+        current = store.get(boost.id)
+        if current.state is not BoostState.pending:  # reconcile gave up on it meanwhile
+            rc.remove_group(group_id)
+            raise GridError(f"boost {boost.id} was marked {current.state.value} while it was being granted")
+        granted = ledger.transition(current, Event.grant, utcnow(), placement_group_id=group_id)
+        store.save(granted)
+    return granted
+
+
+def _check_share(lender: NodeSpec, resources: Resources) -> None:
+    if not lender.resource_sharing.can_share:
+        raise NoCapacity(f"no node can lend {resources.describe()}: {lender.name} does not share (can_share is false)")
+    missing = resources.shortfall(lender.share)
+    if missing:
+        raise NoCapacity(
+            f"no node can lend {resources.describe()}: {lender.name} lends at most "
+            f"{lender.share.describe()} (asked {'; '.join(missing)})"
+        )
+
+
+def _candidates(spec: ClusterSpec, target: str, source: str | None, resources: Resources) -> list[str]:
+    """Lenders that can hold the whole request now: most free lendable capacity, then node priority."""
+    live = rc.grid_nodes()
+    names = [source] if source else [n.name for n in spec.lenders() if n.name != target]
+    scored = []
+    for name in names:
+        node = spec.node(name)
+        info = live.get(name)
+        if info is None or not info.alive:
+            continue
+        free = info.lendable_free
+        if not resources.fits_in(node.share) or not resources.fits_in(free):
+            continue
+        size = node.share
+        # Normalise by the share so CPU counts and bytes are comparable.
+        headroom = sum(
+            f / s for f, s in ((free.cpu, size.cpu), (free.gpu, size.gpu), (free.memory, size.memory)) if s
+        )
+        scored.append((-headroom, node.resource_sharing.priority, name))
+    return [name for _, _, name in sorted(scored)]
+
+
+def _no_capacity_message(spec: ClusterSpec, target: str, source: str | None, resources: Resources) -> str:
+    live = rc.grid_nodes()
+    reasons = []
+    names = [source] if source else [n.name for n in spec.nodes if n.name != target]
+    for name in names:
+        node = spec.node(name)
+        info = live.get(name)
+        if not node.resource_sharing.can_share or node.share.is_zero():
+            reasons.append(f"{name} does not lend")
+        elif info is None or not info.alive:
+            reasons.append(f"{name} is not running")
+        elif resources.shortfall(node.share):
+            reasons.append(f"{name} lends at most {node.share.describe()}")
+        else:
+            reasons.append(f"{name} has too little free to lend: needs {'; '.join(resources.shortfall(info.lendable_free))}")
+    return f"no node can lend {resources.describe()} to {target}: " + ("; ".join(reasons) or "no lenders")
+
+
+def release(boost_id: str, *, address: str | None = None, reason: str = "released by request") -> Boost:
+    """End a boost and free its capacity. Releasing an ended boost returns it unchanged."""
+    with BoostStore() as store:
+        boost = store.resolve(boost_id)
+        return end(store, boost.id, Event.release, reason, address=address)
+
+
+def end(store: BoostStore, boost_id: str, event: Event, reason: str, *, address: str | None = None) -> Boost:
+    """Move a live boost to an ended state, then remove its group (record first: see below)."""
+    with store.lock():
+        boost = store.get(boost_id)
+        if boost.state.ended:
+            return boost
+        ended = ledger.transition(boost, event, utcnow(), reason=reason)
+        store.save(ended)
+    # The record says ended before the group goes: a crash in between leaves a group
+    # without a live record, which reconcile removes; never a live record without a group.
+    rc.connect(address)
+    _remove(ended)
+    store.publish_boosts_table(store.list())
+    store.emit(f"grid.boost.{ended.state.value}", ended)
+    return ended
+
+
+def _remove(boost: Boost) -> None:
+    group_id = boost.placement_group_id
+    if group_id is None:
+        group = rc.grid_groups().get(boost.placement_group)
+        group_id = group.group_id if group else None
+    if group_id:
+        rc.remove_group(group_id)
+
+
+def expire_overdue(store: BoostStore, now: datetime | None = None, boosts: Iterable[Boost] | None = None) -> list[Boost]:
+    """End every active boost past ``expires_at``; any process that touches the ledger calls this."""
+    now = now or utcnow()
+    expired = []
+    for boost in ledger.overdue(boosts if boosts is not None else store.list(), now):
+        expired.append(end(store, boost.id, Event.expire, f"expired at {boost.expires_at:%H:%M:%S} UTC"))
+    return expired
+
+
+def list_boosts(target: str | None = None, include_ended: bool = False) -> list[Boost]:
+    with BoostStore() as store:
+        boosts = store.list()
+    return [
+        b
+        for b in boosts
+        if (include_ended or not b.state.ended) and (target is None or b.target == target)
+    ]

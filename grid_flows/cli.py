@@ -1,0 +1,300 @@
+"""The ``grid`` command.
+
+Example:
+    ```console
+    $ grid blocks apply blocks/cluster.yaml
+    $ ray start $(grid node ray-args gpu1 --address 10.0.0.1:6379)
+    $ grid boost request gpu-master cpu 2 --priority high --duration 1800
+    $ grid boost request gpu-master --cpu 2 --gpu 1 --memory 4GiB
+    $ grid boost status --json
+    $ grid boost release 3f2a9c1b
+    ```
+
+User errors print one line and exit with code 2 (3 when no node can lend); never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from grid_flows.models import Boost, GridError, InvalidRequest
+from grid_flows.units import format_amount, format_bytes, format_duration
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="grid-flows: borrow capacity across a Ray cluster.")
+blocks_app = typer.Typer(no_args_is_help=True, help="Apply block documents (the cluster definition).")
+node_app = typer.Typer(no_args_is_help=True, help="Per-node helpers.")
+boost_app = typer.Typer(no_args_is_help=True, help="Request, inspect and release boosts.")
+app.add_typer(blocks_app, name="blocks")
+app.add_typer(node_app, name="node")
+app.add_typer(boost_app, name="boost")
+
+# Full-width tables even when piped (Rich would assume 80 columns and truncate ids).
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+DEFAULT_CLUSTER_FILE = Path("blocks/cluster.yaml")
+SEED_RESOURCES = ("cpu", "gpu", "memory")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+# -- blocks -----------------------------------------------------------------------------
+
+
+@blocks_app.command("apply")
+def blocks_apply(
+    file: Path = typer.Argument(..., help="Cluster definition, e.g. blocks/cluster.yaml."),
+    name: str = typer.Option("default", "--name", help="Name of the GridCluster block document."),
+) -> None:
+    """Validate a cluster file and save it as a GridCluster block (nothing is saved on error)."""
+    from grid_flows.cluster_file import load_cluster_file
+    from grid_flows.store import BoostStore
+
+    spec = load_cluster_file(file)
+    _check_block_name(name)
+    with BoostStore() as store:
+        store.save_cluster(spec, name)
+    lenders = ", ".join(f"{n.name} ({n.share.describe()})" for n in spec.lenders()) or "none"
+    out.print(f"Saved GridCluster '{name}': {len(spec.nodes)} nodes, head {spec.head.name}, lenders: {lenders}")
+
+
+def _check_block_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise InvalidRequest(f"--name: '{name}' must hold only lowercase letters, digits and dashes")
+
+
+# -- node -------------------------------------------------------------------------------
+
+
+@node_app.command("ray-args")
+def node_ray_args(
+    name: str = typer.Argument(..., help="Node name from the cluster file."),
+    address: Optional[str] = typer.Option(None, "--address", help="Head address HOST:PORT, for workers."),
+    file: Path = typer.Option(DEFAULT_CLUSTER_FILE, "--file", help="Cluster definition to read."),
+) -> None:
+    """Print the `ray start` flags for NAME: its grid.node label and its lending limits.
+
+    Use: ray start $(grid node ray-args gpu1 --address HEAD:6379)
+    """
+    from grid_flows.cluster_file import load_cluster_file
+    from grid_flows.models import NodeRole
+    from grid_flows.ray_cluster import ray_start_args
+
+    spec = load_cluster_file(file)
+    node = spec.node(name)
+    if node.role is NodeRole.head:
+        head_address = None
+    else:
+        head_address = address or (f"{spec.head.address}:6379" if spec.head.address else None)
+        if not head_address:
+            raise InvalidRequest(
+                f"{name} is a worker: pass --address HEAD_HOST:6379 (or set `address` on the head in {file})"
+            )
+    out.print(" ".join(ray_start_args(node, head_address)), highlight=False, soft_wrap=True)
+
+
+# -- boost ------------------------------------------------------------------------------
+
+
+@boost_app.command("request")
+def boost_request(
+    target: str = typer.Argument(..., help="Node that borrows, e.g. gpu-master."),
+    resource: Optional[str] = typer.Argument(None, help="Seed form: cpu, gpu or memory ..."),
+    amount: Optional[str] = typer.Argument(None, help="... and its amount, e.g. `cpu 2` or `memory 4GiB`."),
+    cpu: Optional[str] = typer.Option(None, "--cpu", help="CPUs to borrow."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPUs to borrow."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory, e.g. 4GiB or bytes."),
+    priority: str = typer.Option("normal", "--priority", help="low, normal, high or critical."),
+    duration: Optional[str] = typer.Option(None, "--duration", help="Seconds or e.g. 30m; default from the cluster."),
+    source: Optional[str] = typer.Option(None, "--source", help="Lender to borrow from; default: the roomiest."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address; default RAY_ADDRESS."),
+    as_json: bool = typer.Option(False, "--json", help="Print the boost as JSON."),
+) -> None:
+    """Borrow capacity for TARGET: `request gpu-master cpu 2` or `request gpu-master --cpu 2 --gpu 1`."""
+    from grid_flows.api import request_boost
+
+    amounts: dict[str, Any] = {"cpu": cpu, "gpu": gpu, "memory": memory}
+    if resource is not None:
+        key = resource.lower()
+        if key not in SEED_RESOURCES:
+            raise InvalidRequest(f"unknown resource '{resource}'; expected one of {', '.join(SEED_RESOURCES)}")
+        if amount is None:
+            raise InvalidRequest(f"missing amount after '{resource}', e.g. `{resource} 2`")
+        if amounts[key] is not None:
+            raise InvalidRequest(f"{key} given twice (as `{key} {amount}` and as --{key})")
+        amounts[key] = amount
+    boost = request_boost(
+        target,
+        cpu=amounts["cpu"] or 0,
+        gpu=amounts["gpu"] or 0,
+        memory=amounts["memory"],
+        priority=priority,
+        duration=duration,
+        source=source,
+        address=address,
+    )
+    if as_json:
+        out.print_json(data=boost_json(boost))
+    else:
+        out.print(
+            f"Granted boost [bold]{boost.id}[/]: {boost.source} -> {boost.target}, {boost.resources.describe()}, "
+            f"{boost.priority.value}, {format_duration(boost.seconds_left())} left. "
+            f"Boosted tasks run on {boost.source}.",
+            highlight=False,
+        )
+
+
+@boost_app.command("status")
+def boost_status(
+    node: Optional[str] = typer.Option(None, "--node", help="Only boosts whose source or target is NODE."),
+    include_ended: bool = typer.Option(False, "--all", help="Include ended boosts."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show boosts: source -> target, resources, priority, state, time left, and totals."""
+    from grid_flows.api import list_boosts
+
+    every = list_boosts(include_ended=True)
+    shown = [
+        b
+        for b in every
+        if (include_ended or not b.state.ended) and (node is None or node in (b.source, b.target))
+    ]
+    if as_json:
+        out.print_json(data=[boost_json(b) for b in shown])
+        return
+    prefixes = unique_prefixes([b.id for b in every])
+    table = Table(title="grid boosts (boosted tasks run on the source node)", title_justify="left")
+    for column in ("ID", "Source -> Target", "CPU", "GPU", "Memory", "Priority", "State", "Time left"):
+        table.add_column(column, justify="right" if column in ("CPU", "GPU", "Memory") else "left", no_wrap=True)
+    total_cpu = total_gpu = 0.0
+    total_mem = 0
+    for b in shown:
+        live = not b.state.ended
+        if live:
+            total_cpu += b.resources.cpu
+            total_gpu += b.resources.gpu
+            total_mem += b.resources.memory
+        table.add_row(
+            prefixes[b.id],
+            f"{b.source} -> {b.target}",
+            format_amount(b.resources.cpu) if b.resources.cpu else "-",
+            format_amount(b.resources.gpu) if b.resources.gpu else "-",
+            format_bytes(b.resources.memory) if b.resources.memory else "-",
+            b.priority.value,
+            b.state.value,
+            time_left(b) if live else "-",
+        )
+    table.add_section()
+    table.add_row("total", "", format_amount(total_cpu), format_amount(total_gpu), format_bytes(total_mem), "", "", "")
+    if not shown:
+        out.print("No live boosts." if not include_ended else "No boosts.")
+    out.print(table)
+
+
+@boost_app.command("release")
+def boost_release(
+    boost_id: str = typer.Argument(..., help="Boost id or a unique prefix of it."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address; default RAY_ADDRESS."),
+    as_json: bool = typer.Option(False, "--json", help="Print the boost as JSON."),
+) -> None:
+    """Release a boost: its placement group is removed and the capacity is free at once."""
+    from grid_flows.boosts import release
+    from grid_flows.models import BoostState
+
+    boost = release(boost_id, address=address)
+    if as_json:
+        out.print_json(data=boost_json(boost))
+    elif boost.state is BoostState.released and "by request" in boost.reason:
+        out.print(f"Released boost {boost.id} ({boost.source} -> {boost.target}, {boost.resources.describe()}).")
+    else:
+        out.print(f"Boost {boost.id} had already ended: {boost.state.value} ({boost.reason or 'no reason recorded'}).")
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def time_left(boost: Boost) -> str:
+    seconds = boost.seconds_left()
+    return f"{format_duration(seconds)} left" if seconds > 0 else "overdue"
+
+
+def boost_json(boost: Boost) -> dict[str, Any]:
+    data = boost.model_dump(mode="json")
+    data["seconds_left"] = round(boost.seconds_left(), 1) if not boost.state.ended else 0
+    return data
+
+
+def unique_prefixes(ids: list[str], minimum: int = 8) -> dict[str, str]:
+    """The shortest prefix (at least ``minimum`` characters) that names each id alone."""
+    result = {}
+    for boost_id in ids:
+        length = minimum
+        while length < len(boost_id) and any(o != boost_id and o.startswith(boost_id[:length]) for o in ids):
+            length += 1
+        result[boost_id] = boost_id[:length]
+    return result
+
+
+def _run(call: Callable[[], Any]) -> int:
+    try:
+        call()
+    except GridError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except (OSError, RuntimeError) as exc:
+        # httpx and Prefect wrap unreachable servers in these; say where we tried.
+        message = _connection_problem(exc)
+        if message is None:
+            raise
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def _connection_problem(exc: BaseException) -> str | None:
+    import httpx
+
+    chain = [exc]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any(isinstance(e, (httpx.ConnectError, httpx.TimeoutException)) for e in chain):
+        from prefect.settings import PREFECT_API_URL
+
+        return f"cannot reach the Prefect API at {PREFECT_API_URL.value() or '(PREFECT_API_URL not set)'}"
+    return None
+
+
+def main() -> None:
+    def invoke() -> None:
+        try:
+            app(standalone_mode=False)
+        except typer.Exit as exc:
+            raise SystemExit(exc.exit_code) from None
+        except typer.Abort:
+            raise SystemExit(1) from None
+
+    try:
+        code = _run(invoke)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:
+        # Usage errors (typer's bundled click): print the usage line, no traceback.
+        if not (hasattr(exc, "show") and hasattr(exc, "exit_code")):
+            raise
+        exc.show()
+        code = exc.exit_code
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

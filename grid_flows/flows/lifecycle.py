@@ -1,0 +1,71 @@
+"""Request, release and expire as thin Prefect flows over :mod:`grid_flows.boosts`.
+
+They run the same code as the Python API and the CLI; bad parameters fail the run with
+the same one-line message.
+
+Example:
+    ```python
+    from grid_flows.flows.lifecycle import request_boost_flow
+    request_boost_flow(target="gpu-master", cpu=2, priority="high", duration="30m")
+    ```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from prefect import flow, get_run_logger
+
+from grid_flows import boosts
+from grid_flows.store import BoostStore
+
+
+@flow(name="grid-request-boost", log_prints=False)
+def request_boost_flow(
+    target: str,
+    cpu: float = 0,
+    gpu: float = 0,
+    memory: Optional[Union[str, int]] = None,
+    priority: str = "normal",
+    duration: Optional[Union[str, float]] = None,
+    source: Optional[str] = None,
+) -> dict[str, Any]:
+    """Lease capacity of a lender to ``target``; returns the boost as a dict."""
+    boost = boosts.request(
+        target, cpu=cpu, gpu=gpu, memory=memory, priority=priority, duration=duration, source=source
+    )
+    get_run_logger().info(
+        "Granted boost %s: %s -> %s, %s (tasks run on %s) until %s UTC",
+        boost.id, boost.source, boost.target, boost.resources.describe(), boost.source,
+        f"{boost.expires_at:%H:%M:%S}",
+    )
+    return boost.model_dump(mode="json")
+
+
+@flow(name="grid-release-boost")
+def release_boost_flow(boost_id: str) -> dict[str, Any]:
+    """Release a boost by id or unique prefix."""
+    boost = boosts.release(boost_id)
+    get_run_logger().info("Boost %s is %s", boost.id, boost.state.value)
+    return boost.model_dump(mode="json")
+
+
+@flow(name="grid-expire-boosts")
+def expire_boosts() -> list[str]:
+    """End every active boost past its ``expires_at``; returns the ids it ended."""
+    logger = get_run_logger()
+    with BoostStore() as store:
+        live = store.list()
+        overdue = [b for b in live if b.is_overdue(boosts.utcnow())]
+        if overdue:
+            from grid_flows.ray_cluster import connect
+
+            connect()
+        ended = boosts.expire_overdue(store, boosts=overdue)
+        store.publish_boosts_table(store.list())
+    if ended:
+        for b in ended:
+            logger.info("Expired boost %s (%s -> %s, %s)", b.id, b.source, b.target, b.resources.describe())
+    else:
+        logger.info("No boost was overdue (%d live)", sum(not b.state.ended for b in live))
+    return [b.id for b in ended]

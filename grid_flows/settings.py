@@ -1,0 +1,39 @@
+"""grid-flows settings: ``PREFECT_INTEGRATIONS_GRID_*`` variables or ``[integrations.grid]`` in prefect.toml.
+
+Example:
+    >>> import os
+    >>> os.environ["PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK"] = "lab"
+    >>> GridSettings().cluster_block
+    'lab'
+    >>> del os.environ["PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK"]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from prefect.settings.base import PrefectBaseSettings, build_settings_config
+from pydantic import Field
+
+# One Ray namespace everywhere: detached groups and actors are found by name only
+# from the namespace that made them (DESIGN.md section 4).
+RAY_NAMESPACE = "grid-flows"
+
+
+class GridSettings(PrefectBaseSettings):
+    model_config = build_settings_config(("integrations", "grid"))
+
+    ray_address: Optional[str] = Field(
+        None, description="Ray cluster address; falls back to RAY_ADDRESS, then to a running local Ray."
+    )
+    cluster_block: str = Field("default", description="Name of the GridCluster block document to use.")
+    grant_timeout_seconds: float = Field(
+        2.0, gt=0, description="How long a boost's placement group may take to be placed before the grant fails."
+    )
+    lock_timeout_seconds: float = Field(30.0, gt=0, description="How long to wait for the ledger lock.")
+
+
+def ray_address(explicit: str | None = None) -> str | None:
+    """Respect Ray's own convention: an explicit address, then our setting, then RAY_ADDRESS."""
+    return explicit or GridSettings().ray_address or os.environ.get("RAY_ADDRESS") or None

@@ -1,0 +1,115 @@
+"""Shared fixtures: one real Prefect server and one real three-node Ray cluster per session.
+
+Unit tests use neither; integration tests ask for ``grid`` (both, with the cluster block
+applied) and get a clean ledger before each test.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Quiet, light Ray and Prefect settings must be in place before ray or prefect is imported.
+_RAY_TMP = tempfile.mkdtemp(prefix="grid-test-", dir="/tmp")
+os.makedirs(os.path.join(_RAY_TMP, "ray"), exist_ok=True)
+os.environ.update(
+    {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": _RAY_TMP,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_enable_worker_prestart": "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_INTEGRATIONS_GRID_GRANT_TIMEOUT_SECONDS": "1",
+    }
+)
+os.environ.pop("RAY_ADDRESS", None)
+
+import shutil  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+
+# The shape the integration tests reason about: a 1-CPU head and two lenders.
+TEST_CLUSTER = {
+    "nodes": [
+        {"name": "gpu-master", "role": "head", "cpu_count": 1, "memory_gb": 2},
+        {
+            "name": "gpu1",
+            "role": "worker",
+            "cpu_count": 4,
+            "gpu_count": 1,
+            "memory_gb": 8,
+            "mode": "conservative",
+            "resource_sharing": {
+                "can_share": True,
+                "max_share_cpu": 2,
+                "max_share_gpu": 1,
+                "max_share_memory_gb": 4,
+                "priority": 1,
+            },
+        },
+        {
+            "name": "gpu2",
+            "role": "worker",
+            "cpu_count": 2,
+            "memory_gb": 4,
+            "resource_sharing": {"can_share": True, "max_share_cpu": 1, "max_share_memory_gb": 2, "priority": 2},
+        },
+    ]
+}
+
+
+@dataclass
+class Grid:
+    spec: object
+    address: str
+    api_url: str
+
+    def env(self) -> dict[str, str]:
+        """Environment for a second process that talks to the same Ray cluster and Prefect server."""
+        return {**os.environ, "RAY_ADDRESS": self.address, "PREFECT_API_URL": self.api_url}
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def grid_session(prefect_server):
+    from grid_flows.cluster_file import parse_cluster
+    from grid_flows.ray_cluster import local_cluster
+    from grid_flows.store import BoostStore
+
+    spec = parse_cluster(TEST_CLUSTER)
+    with BoostStore() as store:
+        store.save_cluster(spec)
+    with local_cluster(spec, tmp_dir=_RAY_TMP) as address:
+        yield Grid(spec=spec, address=address, api_url=prefect_server)
+    shutil.rmtree(_RAY_TMP, ignore_errors=True)
+
+
+@pytest.fixture
+def grid(grid_session):
+    """The session's cluster with no live boost and no grid placement group, before and after."""
+    _clean_ledger()
+    yield grid_session
+    _clean_ledger()
+
+
+def _clean_ledger() -> None:
+    from grid_flows import ray_cluster as rc
+    from grid_flows.boosts import release
+    from grid_flows.store import BoostStore
+
+    with BoostStore() as store:
+        for boost in store.list():
+            if not boost.state.ended:
+                release(boost.id, reason="test cleanup")
+    for group in rc.grid_groups().values():
+        rc.remove_group(group.group_id)
