@@ -9,7 +9,7 @@ Example:
     ```
 """
 
-from grid_flows.api import list_boosts, release_boost, request_boost
+from grid_flows.api import boost, boosted, list_boosts, release_boost, request_boost
 from grid_flows.cluster_file import load_cluster_file
 from grid_flows.models import (
     Boost,
@@ -22,8 +22,14 @@ from grid_flows.models import (
     Resources,
 )
 from grid_flows.ray_cluster import local_cluster
+from grid_flows.requirements import requires
+from grid_flows.runner import BoostRayTaskRunner
 
 __all__ = [
+    "BoostRayTaskRunner",
+    "boost",
+    "boosted",
+    "requires",
     "Boost",
     "BoostState",
     "ClusterSpec",

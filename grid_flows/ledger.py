@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from datetime import datetime, timedelta
 from enum import Enum
@@ -125,6 +126,8 @@ def transition(
         raise IllegalTransition(
             f"boost {boost.id}: cannot {event.value} a boost that is {boost.state.value} (allowed: {allowed})"
         )
+    if event is Event.extend and not (math.isfinite(extra_seconds) and extra_seconds > 0):
+        raise IllegalTransition(f"boost {boost.id}: extend needs a positive number of seconds, got {extra_seconds!r}")
     changes: dict = {"state": next_state}
     if event is Event.grant:
         changes.update(

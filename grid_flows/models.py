@@ -250,7 +250,9 @@ class NodeSpec(Strict):
                     raise ValueError(
                         f"mode: '{data['mode']}' disagrees with resource_sharing.mode '{sharing['mode']}'"
                     )
-                data = {**data, "mode": sharing["mode"]}
+                if sharing["mode"] in {m.value for m in ResourceMode}:
+                    data = {**data, "mode": sharing["mode"]}
+                # else: left where the user wrote it, so one error names resource_sharing.mode
         return data
 
     @model_validator(mode="after")
@@ -307,6 +309,16 @@ class ClusterSharing(Strict):
     grace_seconds: float = Field(30, ge=0, allow_inf_nan=False)
     thresholds: Thresholds = Field(default_factory=Thresholds)
     excess_threshold: float = Field(0.2, ge=0, le=1)
+
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> "ClusterSharing":
+        if self.default_boost_duration_seconds > self.max_boost_duration_seconds:
+            raise ValueError(
+                f"default_boost_duration_seconds: {self.default_boost_duration_seconds:g} is more than "
+                f"max_boost_duration_seconds ({self.max_boost_duration_seconds:g})"
+            )
+        return self
 
 
 class ClusterSpec(Strict):

@@ -143,7 +143,7 @@ def grid_nodes() -> dict[str, NodeInfo]:
     return nodes
 
 
-def _group_handle(group_id: str):
+def group_handle(group_id: str):
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup
 
@@ -172,7 +172,7 @@ def remove_group(group_id: str) -> None:
     from ray.util import remove_placement_group
 
     with contextlib.suppress(Exception):
-        remove_placement_group(_group_handle(group_id))
+        remove_placement_group(group_handle(group_id))
 
 
 def grid_groups(include_removed: bool = False) -> dict[str, GroupInfo]:

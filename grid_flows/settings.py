@@ -37,3 +37,18 @@ class GridSettings(PrefectBaseSettings):
 def ray_address(explicit: str | None = None) -> str | None:
     """Respect Ray's own convention: an explicit address, then our setting, then RAY_ADDRESS."""
     return explicit or GridSettings().ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def prefect_env_for_workers() -> dict[str, str]:
+    """The Prefect settings a Ray worker needs to report to the same server as this driver.
+
+    Without them every worker would start its own temporary server (DESIGN.md section 4).
+    """
+    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
+
+    env = {}
+    if PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    if PREFECT_API_KEY.value():
+        env["PREFECT_API_KEY"] = PREFECT_API_KEY.value().get_secret_value()
+    return env

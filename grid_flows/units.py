@@ -106,7 +106,7 @@ def parse_memory(value: str | int | float | None, what: str = "memory") -> int:
                 f"{what} must be bytes or a size like '4GiB' or '512MiB', got {value!r}"
             )
         number = check_amount(float(match.group(1)), what)
-        return int(round(number * _MEMORY_UNITS[match.group(2).lower()]))
+        return int(round(check_amount(number * _MEMORY_UNITS[match.group(2).lower()], what)))
     return int(round(check_amount(value, what)))
 
 
@@ -121,7 +121,7 @@ def parse_duration(value: str | int | float, what: str = "duration") -> float:
                 f"{what} must be seconds or a duration like '30m', '2h' or '90s', got {value!r}"
             )
         number = check_amount(float(match.group(1)), what)
-        return number * _DURATION_UNITS[match.group(2).lower()]
+        return check_amount(number * _DURATION_UNITS[match.group(2).lower()], what)
     return check_amount(value, what)
 
 
@@ -129,7 +129,8 @@ def format_bytes(n: int | float) -> str:
     """Human size with binary units: ``4 GiB``, ``512 MiB``, ``0 B``."""
     n = float(n)
     for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
+        # Also promote when the smaller unit would print as 1024.0 (1024**2 - 1 B is 1.0 MiB).
+        if n >= size or round(n / (size / 1024), 1) >= 1024:
             value = n / size
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{n:.0f} B"

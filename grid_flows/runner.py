@@ -1,0 +1,570 @@
+"""BoostRayTaskRunner: prefect-ray's RayTaskRunner with a boost-aware scheduler per task.
+
+Every submitted task (each item of ``.map`` too) is placed by :func:`grid_flows.scheduler.place`:
+on the flow's own node (the target) when it has room, inside one of the flow's boosts
+(a placement group on the lender) when it does not, or offloaded within another node's
+lendable share. When nothing has room the task waits in this runner's own queue, not in
+Ray, and is dispatched as capacity frees, after the tasks it depends on were dispatched.
+
+Example:
+    ```python
+    from prefect import flow, task
+    from grid_flows import BoostRayTaskRunner, requires
+
+    @task
+    def square(x):
+        return x * x
+
+    @flow(task_runner=BoostRayTaskRunner(strategy="local_first"))
+    def squares():
+        with requires(cpu=1):
+            return [f.result() for f in square.map(range(8))]
+    ```
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+from uuid import UUID, uuid4
+
+from prefect.context import FlowRunContext, serialize_context
+from prefect.task_runners import TaskRunner
+from prefect.utilities.collections import visit_collection
+from prefect.utilities.engine import collect_task_run_inputs_sync
+from prefect_ray import RayTaskRunner
+from prefect_ray.context import RemoteOptionsContext
+from prefect_ray.task_runners import PrefectRayFuture
+
+from grid_flows import ray_cluster as rc
+from grid_flows.models import NODE_LABEL, Boost, Priority, Resources, SharingMode, utcnow
+from grid_flows.requirements import Need, current_need
+from grid_flows.scheduler import (
+    BoostView,
+    ClusterView,
+    NodeView,
+    Placement,
+    PlacementKind,
+    Requirement,
+    Strategy,
+    place,
+)
+from grid_flows.settings import RAY_NAMESPACE, prefect_env_for_workers, ray_address
+
+logger = logging.getLogger("grid_flows.runner")
+_LIVENESS_REFRESH_SECONDS = 2.0
+_EXAMPLE_REASONS = 5
+
+
+class GridFuture(PrefectRayFuture):
+    """A future for a task that may still wait in the runner's queue (no Ray object yet)."""
+
+    def __init__(self, task_run_id: UUID):
+        super().__init__(task_run_id=task_run_id, wrapped_future=None)
+        self._dispatched = threading.Event()
+        self._early_callbacks: list[Callable] = []
+        self._callback_lock = threading.Lock()
+        self.placement: Optional[Placement] = None
+
+    def _set_ref(self, ref: Any, placement: Placement) -> None:
+        self.placement = placement
+        with self._callback_lock:
+            self._wrapped_future = ref
+            self._dispatched.set()
+            callbacks, self._early_callbacks = self._early_callbacks, []
+        for fn in callbacks:
+            super().add_done_callback(fn)
+
+    @property
+    def dispatched(self) -> bool:
+        return self._dispatched.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        start = time.monotonic()
+        if not self._dispatched.wait(timeout):
+            return
+        super().wait(None if timeout is None else max(0.0, timeout - (time.monotonic() - start)))
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
+        start = time.monotonic()
+        if not self._dispatched.wait(timeout):
+            raise TimeoutError(f"Task run {self.task_run_id} is still queued after {timeout} seconds")
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        return super().result(timeout=remaining, raise_on_failure=raise_on_failure)
+
+    def add_done_callback(self, fn: Callable) -> None:
+        with self._callback_lock:
+            if not self._dispatched.is_set():
+                self._early_callbacks.append(fn)
+                return
+        super().add_done_callback(fn)
+
+    def __reduce__(self):
+        # Only dispatched futures cross into Ray workers (a task waits for its upstream's
+        # dispatch), and there a plain PrefectRayFuture is all that is needed.
+        return (PrefectRayFuture, (self.task_run_id, self.wrapped_future))
+
+
+@dataclass
+class _Binding:
+    """A boost this runner routes tasks into."""
+
+    boost: Boost
+    handle: Any
+    in_flight: Resources = field(default_factory=Resources)
+    count: int = 0
+    usable: bool = True
+    why_unusable: str = ""
+
+
+@dataclass(order=True)
+class _Queued:
+    sort_key: tuple
+    future: GridFuture = field(compare=False)
+    submit: Callable[[dict], Any] = field(compare=False)
+    need: Need = field(compare=False)
+    upstream: list = field(compare=False)
+    task_name: str = field(compare=False)
+
+
+@dataclass
+class _InFlight:
+    kind: PlacementKind
+    node: str
+    boost_id: Optional[str]
+    resources: Resources
+
+
+class BoostRayTaskRunner(RayTaskRunner):
+    """A Ray task runner that places each task with the boost-aware scheduler.
+
+    Args:
+        address: Ray address; default ``PREFECT_INTEGRATIONS_GRID_RAY_ADDRESS``, then ``RAY_ADDRESS``.
+        strategy: local_first, best_fit, load_balanced, performance_optimized, spread or node_specific.
+        target: the node whose capacity the flow uses first; default the node this process runs on.
+        boost_ids: boosts to route into from the start (``@boosted`` and ``boost()`` attach theirs).
+        allow_offload: use other nodes' lendable share without a boost; default from the cluster's
+            sharing settings (on unless sharing is disabled).
+        init_kwargs: extra ``ray.init`` arguments.
+
+    Example:
+        ```python
+        @flow(task_runner=BoostRayTaskRunner(strategy="best_fit"))
+        def my_flow(): ...
+        ```
+    """
+
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        strategy: Strategy | str = Strategy.local_first,
+        *,
+        target: Optional[str] = None,
+        boost_ids: Iterable[str] = (),
+        allow_offload: Optional[bool] = None,
+        init_kwargs: Optional[dict] = None,
+    ):
+        self.strategy = Strategy.parse(strategy)
+        self.target = target
+        self.boost_ids = tuple(boost_ids)
+        self.allow_offload = allow_offload
+        init_kwargs = dict(init_kwargs or {})
+        init_kwargs.setdefault("namespace", RAY_NAMESPACE)
+        super().__init__(address=address, init_kwargs=init_kwargs)
+        self._reset_runtime_state()
+
+    def _reset_runtime_state(self) -> None:
+        self._cond = threading.Condition(threading.RLock())
+        self._queue: list[_Queued] = []
+        self._seq = itertools.count()
+        self._bindings: dict[str, _Binding] = {}
+        self._in_flight: dict[Any, _InFlight] = {}
+        self._budget: dict[str, Resources] = {}  # target: its size; others: lendable share
+        self._alive: dict[str, bool] = {}
+        self._node_in_flight: Counter = Counter()
+        self._node_used: dict[str, Resources] = {}
+        self._counts: Counter = Counter()
+        self._reasons: list[str] = []
+        self._flow_run_id: Optional[UUID] = None
+        self._dispatcher: Optional[threading.Thread] = None
+        self._stopping = False
+        self._in_worker = False
+        self._remote_fn = None
+        self._labelled = False
+        self._task_env: dict = {}
+
+    # -- prefect's TaskRunner contract -----------------------------------------------------
+
+    def duplicate(self) -> "BoostRayTaskRunner":
+        return type(self)(
+            address=self.address,
+            strategy=self.strategy,
+            target=self.target,
+            boost_ids=self.boost_ids,
+            allow_offload=self.allow_offload,
+            init_kwargs=self.init_kwargs,
+        )
+
+    def __reduce__(self):
+        # Live queues, threads and locks never travel; a copy is rebuilt from its settings.
+        return (
+            _rebuild_runner,
+            (type(self), self.address, self.strategy.value, self.target, self.boost_ids, self.allow_offload,
+             self.init_kwargs),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, BoostRayTaskRunner)
+            and super().__eq__(other)
+            and (self.strategy, self.target, self.boost_ids, self.allow_offload)
+            == (other.strategy, other.target, other.boost_ids, other.allow_offload)
+        )
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __enter__(self) -> "BoostRayTaskRunner":
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            # Inside a Ray worker Prefect re-enters a copy of the runner: no driver work here.
+            TaskRunner.__enter__(self)
+            self._in_worker = True
+            return self
+        self.address = ray_address(self.address)
+        worker_env = prefect_env_for_workers()
+        if ray.is_initialized():
+            # Someone else connected this driver: pass the API URL with every task instead.
+            self._task_env = {"runtime_env": {"env_vars": worker_env}} if worker_env else {}
+        else:
+            self.init_kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(worker_env)
+            self._task_env = {}
+        super().__enter__()
+        self._remote_fn = ray.remote(self._run_prefect_task)
+        self._load_cluster()
+        for boost_id in self.boost_ids:
+            from grid_flows.store import BoostStore
+
+            with BoostStore() as store:
+                self.attach_boost(store.get(boost_id))
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="grid-dispatcher", daemon=True)
+        self._dispatcher.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if not self._in_worker and self._dispatcher is not None:
+            self.drain()
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._dispatcher.join(timeout=5)
+            self._publish_placements()
+        super().__exit__(*exc_info)
+
+    def submit(self, task, parameters: dict[str, Any], wait_for=None, dependencies=None):
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        if self._in_worker:
+            return super().submit(task, parameters, wait_for, dependencies)
+        if self._flow_run_id is None:
+            ctx = FlowRunContext.get()
+            self._flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else None
+
+        remote_options = dict(RemoteOptionsContext.get().current_remote_options or {})
+        need = current_need(task.tags, remote_options)
+        task_run_id = uuid4()
+        task_inputs = {
+            k: collect_task_run_inputs_sync(v, future_cls=PrefectRayFuture) for k, v in parameters.items()
+        }
+        # The context is captured here, in the submitting thread, even if dispatch is later.
+        context = serialize_context(
+            asset_ctx_kwargs={
+                "task": task,
+                "task_run_id": task_run_id,
+                "task_inputs": task_inputs,
+                "copy_to_child_ctx": True,
+            }
+        )
+        future = GridFuture(task_run_id=task_run_id)
+        upstream = _futures_in(parameters) + [f for f in (wait_for or []) if isinstance(f, GridFuture)]
+
+        def submit_to_ray(options: dict) -> Any:
+            params, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
+            return (
+                self._remote_fn.options(name=task.name, **{**self._task_env, **remote_options, **options})
+                .remote(
+                    *upstream_refs,
+                    task=task,
+                    task_run_id=task_run_id,
+                    parameters=params,
+                    wait_for=wait_for,
+                    dependencies=dependencies,
+                    context=context,
+                )
+            )
+
+        priority = need.priority or Priority.normal
+        queued = _Queued((-priority.rank, next(self._seq)), future, submit_to_ray, need, upstream, task.name)
+        with self._cond:
+            heapq.heappush(self._queue, queued)
+            self._dispatch_ready()
+        return future
+
+    # -- boosts ----------------------------------------------------------------------------
+
+    def attach_boost(self, boost: Boost) -> None:
+        """Route tasks into ``boost`` from now on; tasks already waiting move into it at once."""
+        handle = rc.group_handle(boost.placement_group_id)
+        with self._cond:
+            self._bindings[boost.id] = _Binding(boost=boost, handle=handle)
+            self._dispatch_ready()
+            self._cond.notify_all()
+        logger.info("Routing tasks into boost %s on %s (%s)", boost.short_id, boost.source, boost.resources.describe())
+
+    def stop_routing(self, boost_id: str, why: str, level: int = logging.WARNING) -> None:
+        """No new task goes into the boost; tasks running in it continue."""
+        with self._cond:
+            binding = self._bindings.get(boost_id)
+            if binding and binding.usable:
+                binding.usable = False
+                binding.why_unusable = why
+                logger.log(level, "Boost %s: %s; new tasks run elsewhere", boost_id[:8], why)
+
+    def detach_boost(self, boost_id: str, timeout: float | None = None) -> bool:
+        """Stop routing to the boost and wait until none of its tasks runs; True if they all ended."""
+        self.stop_routing(boost_id, "being released", level=logging.INFO)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._bindings.get(boost_id) and self._bindings[boost_id].count:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
+            self._bindings.pop(boost_id, None)
+        return True
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no task is queued or running; True if that happened within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._in_flight:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
+        return True
+
+    @property
+    def placement_counts(self) -> dict[str, int]:
+        with self._cond:
+            return dict(self._counts)
+
+    # -- placing ---------------------------------------------------------------------------
+
+    def _load_cluster(self) -> None:
+        import ray
+
+        from grid_flows.store import BoostStore, ClusterNotConfigured
+
+        spec = None
+        try:
+            with BoostStore() as store:
+                spec = store.load_cluster()
+        except ClusterNotConfigured:
+            logger.warning("No GridCluster block: tasks run on the target and in boosts only (no offload)")
+        nodes = rc.grid_nodes()
+        self._labelled = bool(nodes)
+        if self.target is None:
+            here = ray.get_runtime_context().get_node_id()
+            self.target = next((n.name for n in nodes.values() if n.node_id == here), None)
+            if self.target is None and spec is not None:
+                self.target = spec.head.name
+        if self.allow_offload is None:
+            self.allow_offload = bool(spec and spec.resource_sharing.enabled)
+        self._sharing_mode = spec.resource_sharing.mode if spec else SharingMode.share_and_offload
+        for name, info in nodes.items():
+            self._alive[name] = info.alive
+            if name == self.target:
+                self._budget[name] = info.size
+            elif spec is not None and name in {n.name for n in spec.lenders()}:
+                self._budget[name] = info.lendable_free
+            self._node_used[name] = Resources()
+        if self.target not in self._budget:
+            # A plain Ray cluster without grid labels: behave like prefect-ray on this node.
+            self._budget[self.target or "local"] = Resources(cpu=1e9, gpu=1e9, memory=2**62)
+            self.target = self.target or "local"
+            self._alive[self.target] = True
+            self._node_used[self.target] = Resources()
+
+    def _view(self) -> ClusterView:
+        nodes = {}
+        for name, budget in self._budget.items():
+            free = budget.minus(self._node_used[name])
+            nodes[name] = NodeView(
+                name=name,
+                alive=self._alive.get(name, False),
+                free=free if name == self.target else Resources(),
+                lendable_free=free if name != self.target else Resources(),
+                in_flight=self._node_in_flight[name],
+            )
+        return ClusterView(target=self.target, nodes=nodes, allow_offload=bool(self.allow_offload))
+
+    def _boost_views(self) -> list[BoostView]:
+        now = utcnow()
+        views = []
+        for b in self._bindings.values():
+            if b.usable and now >= b.boost.expires_at:
+                b.usable, b.why_unusable = False, "expired"
+                logger.warning("Boost %s expired at %s; new tasks run elsewhere", b.boost.short_id, b.boost.expires_at)
+            views.append(
+                BoostView(
+                    id=b.boost.id,
+                    source=b.boost.source,
+                    free=b.boost.resources.minus(b.in_flight),
+                    usable=b.usable,
+                    in_flight=b.count,
+                )
+            )
+        return views
+
+    def _dispatch_ready(self) -> None:
+        """Dispatch every queued task that has room now, in priority order. Call under the lock."""
+        if not self._queue:
+            return
+        view, boosts = self._view(), self._boost_views()
+        waiting = []
+        while self._queue:
+            item = heapq.heappop(self._queue)
+            if not all(f.dispatched for f in item.upstream):
+                waiting.append(item)
+                continue
+            requirement = Requirement(resources=item.need.resources(), node=item.need.node)
+            placement = place(requirement, view, boosts, self.strategy)
+            if placement.kind is PlacementKind.queue:
+                waiting.append(item)
+                continue
+            self._dispatch(item, placement, requirement.resources)
+            view, boosts = self._view(), self._boost_views()
+        for item in waiting:
+            heapq.heappush(self._queue, item)
+
+    def _dispatch(self, item: _Queued, placement: Placement, need: Resources) -> None:
+        options = self._ray_options(placement, need)
+        ref = item.submit(options)
+        node = placement.node or self.target
+        self._in_flight[ref] = _InFlight(placement.kind, node, placement.boost_id, need)
+        if placement.kind is PlacementKind.boost:
+            binding = self._bindings[placement.boost_id]
+            binding.in_flight = binding.in_flight + need
+            binding.count += 1
+        else:
+            self._node_used[node] = self._node_used[node] + need
+            self._node_in_flight[node] += 1
+        self._counts[f"{placement.kind.value}:{node}"] += 1
+        if len(self._reasons) < _EXAMPLE_REASONS or placement.kind.value not in " ".join(self._reasons):
+            self._reasons.append(f"{item.task_name}: {placement.kind.value} -> {placement.reason}")
+        logger.debug("%s -> %s on %s (%.2f): %s", item.task_name, placement.kind.value, node,
+                     placement.confidence, placement.reason)
+        item.future._set_ref(ref, placement)
+        ref._on_completed(lambda _result, ref=ref: self._task_done(ref))
+
+    def _ray_options(self, placement: Placement, need: Resources) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options: dict[str, Any] = {"num_cpus": need.cpu, "num_gpus": need.gpu}
+        if need.memory:
+            options["memory"] = need.memory
+        if placement.kind is PlacementKind.boost:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self._bindings[placement.boost_id].handle, placement_group_bundle_index=0
+            )
+            options["max_retries"] = 0  # a retry into a removed group would hang forever
+        elif self._labelled:
+            options["label_selector"] = {NODE_LABEL: placement.node}
+            if placement.kind is PlacementKind.offload:
+                options["resources"] = need.lend_tokens()  # Ray enforces the lender's share
+        return options
+
+    def _task_done(self, ref: Any) -> None:
+        with self._cond:
+            flight = self._in_flight.pop(ref, None)
+            if flight is None:
+                return
+            if flight.kind is PlacementKind.boost:
+                binding = self._bindings.get(flight.boost_id)
+                if binding:
+                    binding.in_flight = binding.in_flight.minus(flight.resources)
+                    binding.count -= 1
+            else:
+                self._node_used[flight.node] = self._node_used[flight.node].minus(flight.resources)
+                self._node_in_flight[flight.node] -= 1
+            self._cond.notify_all()  # the dispatcher thread submits what now fits
+
+    def _dispatch_loop(self) -> None:
+        last_refresh = time.monotonic()
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                self._cond.wait(timeout=0.2)
+                if self._stopping:
+                    return
+                self._dispatch_ready()
+            if time.monotonic() - last_refresh > _LIVENESS_REFRESH_SECONDS:
+                last_refresh = time.monotonic()
+                try:
+                    alive = {name: info.alive for name, info in rc.grid_nodes().items()}
+                except Exception as exc:  # keep placing on the last known view
+                    logger.debug("liveness refresh failed: %s", exc)
+                    continue
+                with self._cond:
+                    self._alive.update(alive)
+
+    # -- what the UI shows -----------------------------------------------------------------
+
+    def _publish_placements(self) -> None:
+        if self._flow_run_id is None or not self._counts:
+            return
+        from prefect.artifacts import create_table_artifact
+
+        rows = []
+        for key, count in sorted(self._counts.items()):
+            kind, node = key.split(":", 1)
+            rows.append({"Placement": kind, "Node": node, "Tasks": count, "Strategy": self.strategy.value})
+        description = (
+            f"Where the tasks of flow run {self._flow_run_id} ran (strategy {self.strategy.value}). "
+            "'boost' tasks ran inside a boost's placement group on the lender.\n\nExample reasons:\n"
+            + "\n".join(f"- {r}" for r in self._reasons)
+        )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # the flow run context is gone by __exit__
+                create_table_artifact(table=rows, key=f"grid-placements-{self._flow_run_id}", description=description)
+        except Exception as exc:
+            logger.warning("could not publish the placements artifact: %s", exc)
+
+
+def _rebuild_runner(cls, address, strategy, target, boost_ids, allow_offload, init_kwargs):
+    return cls(address=address, strategy=strategy, target=target, boost_ids=boost_ids,
+               allow_offload=allow_offload, init_kwargs=init_kwargs)
+
+
+def _futures_in(parameters: dict[str, Any]) -> list[GridFuture]:
+    found: list[GridFuture] = []
+
+    def collect(expr: Any) -> Any:
+        if isinstance(expr, GridFuture):
+            found.append(expr)
+        return expr
+
+    visit_collection(parameters, visit_fn=collect, return_data=False)
+    return found
+

@@ -1,0 +1,226 @@
+"""BoostRayTaskRunner and @boosted on real Ray nodes with a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import ray
+from prefect import flow, task
+
+from grid_flows import BoostRayTaskRunner, boosted, list_boosts, requires
+from grid_flows import ray_cluster as rc
+from grid_flows.models import LEND_CPU, NODE_LABEL, BoostState
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+@task
+def where(i: int, seconds: float = 0.0) -> dict:
+    """Report, from inside the task, where it ran and what Ray gave it."""
+    start = time.time()
+    time.sleep(seconds)
+    ctx = ray.get_runtime_context()
+    return {
+        "i": i,
+        "node_id": ctx.get_node_id(),
+        "group": ctx.get_placement_group_id() or "",
+        "assigned": ctx.get_assigned_resources(),
+        "start": start,
+        "end": time.time(),
+    }
+
+
+def _names() -> dict[str, str]:
+    return {info.node_id: name for name, info in rc.grid_nodes().items()}
+
+
+def _max_overlap(rows: list[dict]) -> int:
+    edges = sorted([(r["start"], 1) for r in rows] + [(r["end"], -1) for r in rows])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_boosted_flow_uses_the_head_and_the_boost_and_nothing_else(grid):
+    @boosted(cpu=2, source="gpu1", duration="10m", priority="high")
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def six_sleepers() -> list[dict]:
+        return [f.result(timeout=120) for f in where.map(range(6), seconds=1.0)]
+
+    before = {b.id for b in list_boosts(include_ended=True)}
+    rows = six_sleepers()
+    names = _names()
+    ran_on = sorted({names[r["node_id"]] for r in rows})
+    assert ran_on == ["gpu-master", "gpu1"]
+    (boost,) = [b for b in list_boosts(include_ended=True) if b.id not in before]
+    for row in rows:
+        if names[row["node_id"]] == "gpu1":
+            assert row["group"] == boost.placement_group_id  # inside the boost's group
+        else:
+            assert row["group"] == ""
+    assert _max_overlap(rows) <= 3
+    assert sorted(r["i"] for r in rows) == list(range(6))
+    assert boost.state is BoostState.released
+    assert rc.grid_groups() == {}
+
+
+def test_without_a_boost_no_task_touches_a_workers_private_cpus(grid):
+    @flow(task_runner=BoostRayTaskRunner())
+    def unboosted() -> list[dict]:
+        return [f.result(timeout=120) for f in where.map(range(6), seconds=0.5)]
+
+    rows = unboosted()
+    names = _names()
+    for row in rows:
+        node = names[row["node_id"]]
+        if node != "gpu-master":
+            # Offloaded work must hold the lender's lend tokens: its share, not its own CPUs.
+            assert row["assigned"].get(LEND_CPU, 0) >= 1000, (node, row["assigned"])
+    assert {names[r["node_id"]] for r in rows} <= {"gpu-master", "gpu1", "gpu2"}
+    assert len(rows) == 6
+
+
+def test_competing_tasks_pinned_to_the_lender_cannot_take_the_boost(grid):
+    @ray.remote(num_cpus=1, max_retries=0)
+    def hog(seconds: float) -> str:
+        time.sleep(seconds)
+        return ray.get_runtime_context().get_node_id()
+
+    @boosted(cpu=2, source="gpu1", duration="10m")
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def boosted_while_flooded() -> list[dict]:
+        # Ask for more than the head has, so every task must go into the boost.
+        with requires(cpu=1.0):
+            futures = where.map(range(4), seconds=1.0)
+        hogs = [hog.options(label_selector={NODE_LABEL: "gpu1"}).remote(3.0) for _ in range(6)]
+        rows = [f.result(timeout=120) for f in futures]
+        ray.get(hogs, timeout=120)
+        return rows
+
+    rows = boosted_while_flooded()
+    names = _names()
+    in_boost = [r for r in rows if r["group"]]
+    assert in_boost, "no task ran in the boost"
+    assert all(names[r["node_id"]] == "gpu1" for r in in_boost)
+    # The boost's two CPUs stayed the flow's: two boosted tasks overlapped while hogs ran.
+    assert _max_overlap(in_boost) == 2
+
+
+def test_boosted_keeps_the_flows_name_parameters_and_releases_on_error(grid):
+    @flow(name="my-training", retries=0)
+    def train(epochs: int = 3, lr: float = 0.1) -> int:
+        raise RuntimeError(f"diverged after {epochs} epochs")
+
+    plain_schema = train.parameters.model_dump()
+    boosted_train = boosted(cpu=1, source="gpu2", duration="5m")(train)
+    assert boosted_train.name == "my-training"
+    assert boosted_train.parameters.model_dump() == plain_schema
+    assert isinstance(boosted_train.task_runner, BoostRayTaskRunner)
+
+    before = {b.id for b in list_boosts(include_ended=True)}
+    with pytest.raises(RuntimeError, match="diverged after 2 epochs"):
+        boosted_train(epochs=2)
+    (boost,) = [b for b in list_boosts(include_ended=True) if b.id not in before]
+    assert boost.state is BoostState.released
+    assert boost.origin == "flow"
+    assert rc.grid_groups() == {}
+
+
+def test_map_of_200_trivial_tasks_loses_and_duplicates_nothing(grid):
+    @task
+    def ident(i: int) -> int:
+        return i
+
+    @flow(task_runner=BoostRayTaskRunner())
+    def many() -> list[int]:
+        return [f.result(timeout=120) for f in ident.map(range(200))]
+
+    assert many() == list(range(200))
+
+
+def test_dependencies_between_queued_tasks_are_respected(grid):
+    @task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def chain() -> int:
+        total = add.submit(0, 1)
+        for i in range(2, 8):
+            total = add.submit(total, i)  # each waits on the one before, on a 1-CPU head
+        return total.result(timeout=120)
+
+    assert chain() == sum(range(8))
+
+
+_KILLED_FLOW = textwrap.dedent(
+    """
+    import time
+    from prefect import flow
+    from grid_flows import BoostRayTaskRunner, boosted
+
+    @boosted(cpu=1, source="gpu2", duration=4)
+    @flow(task_runner=BoostRayTaskRunner())
+    def hangs():
+        print("BOOSTED", flush=True)
+        time.sleep(600)
+
+    hangs()
+    """
+)
+
+
+def test_a_boost_outlives_a_killed_flow_only_until_it_expires(grid):
+    from grid_flows.boosts import expire_overdue
+    from grid_flows.store import BoostStore
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_FLOW], env=grid.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "BOOSTED" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the flow process died before its boost"
+        assert "BOOSTED" in line
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    (boost,) = list_boosts()
+    assert boost.state is BoostState.active
+    assert boost.placement_group in rc.grid_groups()  # the detached group survives its driver
+    wait = (boost.expires_at - boost.granted_at).total_seconds()
+    assert wait == 4
+    time.sleep(max(0.0, boost.seconds_left()) + 0.1)  # let the lease run out (a real deadline, not sync)
+    with BoostStore() as store:
+        expired = expire_overdue(store)
+    assert [b.id for b in expired] == [boost.id]
+    assert expired[0].state is BoostState.expired
+    assert rc.grid_groups() == {}
+
+
+def test_placements_artifact_counts_every_task(grid):
+    from prefect.artifacts import Artifact
+    from prefect.context import get_run_context
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def counted() -> str:
+        [f.result(timeout=60) for f in where.map(range(5))]
+        return str(get_run_context().flow_run.id)
+
+    run_id = counted()
+    artifact = Artifact.get(f"grid-placements-{run_id}")
+    rows = json.loads(artifact.data)
+    assert sum(r["Tasks"] for r in rows) == 5
+    assert {r["Placement"] for r in rows} == {"target"}
+    assert "local_first" in artifact.description
