@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Iterable
 
@@ -141,7 +142,68 @@ def request(
             store.publish_boosts_table(store.list())
             store.emit("grid.boost.granted", granted)
             return granted
+        if prio.rank > Priority.low.rank:
+            granted = _preempt_and_grant(store, spec, target, source, resources, prio, seconds, origin)
+            if granted is not None:
+                return granted
     raise NoCapacity(_no_capacity_message(spec, target, source, resources))
+
+
+def _preempt_and_grant(
+    store: BoostStore, spec: ClusterSpec, target: str, source: str | None, resources: Resources,
+    prio: Priority, seconds: float, origin: str,
+) -> Boost | None:
+    """Take the capacity from strictly lower-priority boosts, gracefully; None if no plan exists."""
+    import time
+
+    from grid_flows.preemption import plan_preemption
+
+    sharing = spec.resource_sharing
+    nodes = rc.grid_nodes()
+    lenders = {
+        n.name: (n.share, nodes[n.name].lendable_free)
+        for n in spec.lenders()
+        if n.name in nodes and nodes[n.name].alive
+    }
+    live = [b for b in store.list() if b.state is BoostState.active]
+    plan = plan_preemption(resources, prio, target=target, lenders=lenders, active=live, now=utcnow(),
+                           min_runtime_seconds=sharing.min_runtime_seconds, source=source)
+    if plan is None or not plan.victims:
+        return None
+    boost = ledger.new_boost(uuid.uuid4().hex, source=plan.lender, target=target, resources=resources,
+                             priority=prio, duration_seconds=seconds, now=utcnow(), origin=origin)
+    victims = []
+    for victim in plan.victims:
+        with store.lock():
+            current = store.get(victim.id)
+            if current.state is not BoostState.active:
+                continue  # ended meanwhile: its capacity frees anyway
+            preempted = ledger.transition(current, Event.preempt, utcnow(),
+                                          reason=f"preempted by a {prio.value} boost {boost.short_id} for {target}")
+            store.save(preempted)
+        victims.append(preempted)
+        store.emit("grid.boost.preempted", preempted, preempted_by=boost.id)
+    logger.info("%s; waiting up to %g s for their tasks", plan.reason, sharing.grace_seconds)
+    # Claim first: Ray queues this group ahead of any request made after it.
+    store.create(boost)
+    group = rc.start_boost_group(boost.placement_group, plan.lender, resources)
+    # Grace: tasks running in a victim get time to finish; their runners stop routing at once.
+    deadline = time.monotonic() + sharing.grace_seconds
+    while time.monotonic() < deadline and not all(
+        rc.group_idle(v.placement_group_id, v.resources.bundle()) for v in victims if v.placement_group_id
+    ):
+        time.sleep(0.1)  # polling Ray's view of the groups, bounded by the grace period
+    for victim in victims:
+        _remove(victim)
+    store.publish_boosts_table(store.list())
+    if not group.wait(timeout_seconds=max(5.0, GridSettings().grant_timeout_seconds)):
+        rc.remove_group(group.id.hex())
+        store.delete(boost.id)
+        return None
+    granted = _activate(store, boost, group.id.hex())
+    store.publish_boosts_table(store.list())
+    store.emit("grid.boost.granted", granted, preempted=",".join(v.id for v in victims))
+    return granted
 
 
 def _activate(store: BoostStore, boost: Boost, group_id: str) -> Boost:
@@ -256,3 +318,97 @@ def list_boosts(target: str | None = None, include_ended: bool = False) -> list[
         for b in boosts
         if (include_ended or not b.state.ended) and (target is None or b.target == target)
     ]
+
+
+def extend(boost_id: str, duration: str | float) -> Boost:
+    """Add ``duration`` to an active boost, within the cluster's maximum boost length."""
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if seconds <= 0:
+        raise InvalidRequest(f"duration must be greater than zero, got {duration!r}")
+    with BoostStore() as store:
+        spec = store.load_cluster()
+        limit = spec.resource_sharing.max_boost_duration_seconds
+        boost = store.resolve(boost_id)
+        with store.lock():
+            boost = store.get(boost.id)
+            if boost.state is not BoostState.active:
+                raise InvalidRequest(f"boost {boost.id} is {boost.state.value}; only an active boost can be extended")
+            total = (boost.expires_at - (boost.granted_at or boost.created_at)).total_seconds() + seconds
+            if total > limit:
+                raise InvalidRequest(
+                    f"boost {boost.id} would last {format_duration(total)} in all, more than the limit of "
+                    f"{format_duration(limit)}"
+                )
+            extended = ledger.transition(boost, Event.extend, utcnow(), extra_seconds=seconds,
+                                         reason=f"extended by {format_duration(seconds)}")
+            store.save(extended)
+        store.publish_boosts_table(store.list())
+        store.emit("grid.boost.extended", extended)
+    return extended
+
+
+@dataclass
+class ReconcileReport:
+    """What one reconcile pass changed; empty lists mean Ray and the record already agreed."""
+
+    removed_groups: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.removed_groups or self.lost or self.failed or self.expired)
+
+    def lines(self) -> list[str]:
+        out = [f"removed orphan placement group {g}" for g in self.removed_groups]
+        out += [f"boost {b}: lost" for b in self.lost]
+        out += [f"boost {b}: failed (stuck pending)" for b in self.failed]
+        out += [f"boost {b}: expired" for b in self.expired]
+        return out or ["Ray and the boost records agree; nothing to do"]
+
+
+def reconcile(*, pending_timeout_seconds: float = 120.0, address: str | None = None) -> ReconcileReport:
+    """Make Ray and the records agree. Idempotent, and safe while requests are under way:
+    a request writes its pending record before it creates its group, so a group without a
+    live record is an orphan, and young pending records are left alone."""
+    report = ReconcileReport()
+    rc.connect(address)
+    with BoostStore() as store:
+        now = utcnow()
+        records = store.list()
+        groups = rc.grid_groups()
+        nodes = rc.grid_nodes()
+        by_group = {b.placement_group: b for b in records}
+        for name, group in groups.items():
+            owner = by_group.get(name)
+            if owner is None or owner.state.ended:
+                rc.remove_group(group.group_id)
+                report.removed_groups.append(name)
+        for b in records:
+            if b.state is BoostState.active:
+                group = groups.get(b.placement_group)
+                source = nodes.get(b.source)
+                if group is None:
+                    _end_if_still(store, b, Event.node_lost, "its placement group is gone", report.lost)
+                elif source is None or not source.alive:
+                    _end_if_still(store, b, Event.node_lost, f"lender {b.source} is down", report.lost)
+                elif b.is_overdue(now):
+                    _end_if_still(store, b, Event.expire, f"expired at {b.expires_at:%H:%M:%S} UTC", report.expired)
+            elif b.state is BoostState.pending and (now - b.created_at).total_seconds() > pending_timeout_seconds:
+                _end_if_still(store, b, Event.fail, f"stuck pending for more than {pending_timeout_seconds:g} s",
+                              report.failed)
+    return report
+
+
+def _end_if_still(store: BoostStore, seen: Boost, event: Event, reason: str, changed: list[str]) -> None:
+    """End ``seen`` unless its record moved on since it was read (then the next pass decides)."""
+    try:
+        ended = end(store, seen.id, event, reason)
+    except ledger.IllegalTransition:
+        return
+    if ended.reason == reason:  # this pass ended it (not somebody else meanwhile)
+        changed.append(seen.id)

@@ -32,7 +32,9 @@ node_app = typer.Typer(no_args_is_help=True, help="Per-node helpers.")
 boost_app = typer.Typer(no_args_is_help=True, help="Request, inspect and release boosts.")
 app.add_typer(blocks_app, name="blocks")
 app.add_typer(node_app, name="node")
+maintenance_app = typer.Typer(no_args_is_help=True, help="Run the scheduled maintenance flows.")
 app.add_typer(boost_app, name="boost")
+app.add_typer(maintenance_app, name="maintenance")
 
 # Full-width tables even when piped (Rich would assume 80 columns and truncate ids).
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -218,6 +220,44 @@ def boost_release(
         out.print(f"Released boost {boost.id} ({boost.source} -> {boost.target}, {boost.resources.describe()}).")
     else:
         out.print(f"Boost {boost.id} had already ended: {boost.state.value} ({boost.reason or 'no reason recorded'}).")
+
+
+@boost_app.command("extend")
+def boost_extend(
+    boost_id: str = typer.Argument(..., help="Boost id or a unique prefix of it."),
+    duration: str = typer.Option(..., "--duration", help="Time to add: seconds or e.g. 30m."),
+    as_json: bool = typer.Option(False, "--json", help="Print the boost as JSON."),
+) -> None:
+    """Extend an active boost, within the cluster's maximum boost length."""
+    from grid_flows.boosts import extend
+
+    boost = extend(boost_id, duration)
+    if as_json:
+        out.print_json(data=boost_json(boost))
+    else:
+        out.print(f"Boost {boost.id} now expires at {boost.expires_at:%Y-%m-%d %H:%M:%S} UTC ({time_left(boost)}).")
+
+
+@boost_app.command("reconcile")
+def boost_reconcile(
+    pending_timeout: float = typer.Option(120.0, "--pending-timeout", help="Seconds before a pending boost fails."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address; default RAY_ADDRESS."),
+) -> None:
+    """Make Ray and the boost records agree: orphan groups, lost and stuck boosts."""
+    from grid_flows.boosts import reconcile
+
+    for line in reconcile(pending_timeout_seconds=pending_timeout, address=address).lines():
+        out.print(line, highlight=False)
+
+
+@maintenance_app.command("serve")
+def maintenance_serve(
+    interval_scale: float = typer.Option(1.0, "--interval-scale", min=0.01, help="Multiply every interval (tests)."),
+) -> None:
+    """Serve the maintenance flows (expire, reconcile, ...) on their schedules until Ctrl-C."""
+    from grid_flows.maintenance import serve_maintenance
+
+    serve_maintenance(interval_scale)
 
 
 # -- helpers ----------------------------------------------------------------------------

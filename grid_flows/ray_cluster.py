@@ -150,21 +150,46 @@ def group_handle(group_id: str):
     return PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
 
 
-def create_boost_group(name: str, source: str, resources: Resources, timeout_seconds: float) -> str | None:
-    """Reserve ``resources`` on ``source`` as a detached placement group; its id, or None if it
-    could not be placed within the timeout (the group is removed again then)."""
-    from ray.util import placement_group, remove_placement_group
+def start_boost_group(name: str, source: str, resources: Resources):
+    """Ask Ray to reserve ``resources`` on ``source`` as a detached group; returns at once.
 
-    group = placement_group(
+    Ray queues a group it cannot place yet, so a group started now is placed before
+    groups started later when capacity frees (how a preemptor keeps its turn).
+    """
+    from ray.util import placement_group
+
+    return placement_group(
         [resources.bundle()],
         name=name,
         lifetime="detached",
         bundle_label_selector=[{NODE_LABEL: source}],
     )
+
+
+def create_boost_group(name: str, source: str, resources: Resources, timeout_seconds: float) -> str | None:
+    """Reserve ``resources`` on ``source``; the group's id, or None if it could not be placed
+    within the timeout (the group is removed again then)."""
+    from ray.util import remove_placement_group
+
+    group = start_boost_group(name, source, resources)
     if group.wait(timeout_seconds=timeout_seconds):
         return group.id.hex()
     remove_placement_group(group)
     return None
+
+
+def group_idle(group_id: str, bundle: dict[str, float]) -> bool:
+    """True when no task holds any of the group's resources (every amount is available)."""
+    from ray._private.state import available_resources_per_node
+
+    available: dict[str, float] = {}
+    for per_node in available_resources_per_node().values():
+        for key, value in per_node.items():
+            if key.endswith(f"_group_{group_id}"):
+                available[key[: -len(f"_group_{group_id}")]] = value
+    if not available:
+        return True  # the group is gone or was never placed: nothing runs in it
+    return all(available.get(k, 0.0) >= v - 1e-9 for k, v in bundle.items())
 
 
 def remove_group(group_id: str) -> None:
@@ -223,6 +248,80 @@ def _whole(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+class LocalCluster:
+    """Ray nodes on this machine shaped by a cluster spec; see :func:`local_cluster`.
+
+    Use the class when a test must stop one node (``stop_node("gpu1")``) while others run.
+    """
+
+    def __init__(self, spec: ClusterSpec, *, tmp_dir: str | None = None, fast_health_check: bool = False,
+                 connect_driver: bool = True):
+        self.spec = spec
+        self._owns_tmp = tmp_dir is None
+        self.tmp_dir = tmp_dir or tempfile.mkdtemp(prefix="grid-ray-", dir="/tmp")
+        self.fast_health_check = fast_health_check
+        self.connect_driver = connect_driver
+        self.address = ""
+        self._cluster = None
+        self._nodes: dict[str, object] = {}
+        self._saved_env: dict[str, str | None] = {}
+
+    def __enter__(self) -> "LocalCluster":
+        quiet_ray_environment(self.tmp_dir)
+        self._saved_env = {k: os.environ.get(k) for k in (*_FAST_HEALTH_CHECK, "RAY_ADDRESS")}
+        if self.fast_health_check:
+            os.environ.update(_FAST_HEALTH_CHECK)  # read by the GCS at start: lost nodes seen in ~0.6 s
+        from ray.cluster_utils import Cluster
+
+        self._cluster = Cluster(
+            initialize_head=True,
+            head_node_args={**self._node_args(self.spec.head), "include_dashboard": False},
+        )
+        try:
+            self._nodes[self.spec.head.name] = self._cluster.head_node
+            for worker in self.spec.workers:
+                self._nodes[worker.name] = self._cluster.add_node(**self._node_args(worker))
+            self._cluster.wait_for_nodes()
+            self.address = self._cluster.address
+            os.environ["RAY_ADDRESS"] = self.address
+            if self.connect_driver:
+                connect(self.address)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def stop_node(self, name: str) -> None:
+        """Kill one worker node's processes, as if its machine went away."""
+        self._cluster.remove_node(self._nodes.pop(name), allow_graceful=False)
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self._cluster is not None:
+            self._cluster.shutdown()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self._owns_tmp:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    @staticmethod
+    def _node_args(node: NodeSpec) -> dict:
+        return dict(
+            num_cpus=node.cpu_count,
+            num_gpus=node.gpu_count,
+            memory=int(node.size.memory),
+            resources={k: int(v) for k, v in node.ray_resources().items()},
+            labels={NODE_LABEL: node.name},
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        )
+
+
 @contextlib.contextmanager
 def local_cluster(
     spec: ClusterSpec,
@@ -238,47 +337,6 @@ def local_cluster(
     ``RAY_ADDRESS`` points at the cluster while the context is open, and every node
     process is stopped when it closes.
     """
-    owns_tmp = tmp_dir is None
-    tmp_dir = tmp_dir or tempfile.mkdtemp(prefix="grid-ray-", dir="/tmp")
-    quiet_ray_environment(tmp_dir)
-    saved_env = {k: os.environ.get(k) for k in (*_FAST_HEALTH_CHECK, "RAY_ADDRESS")}
-    if fast_health_check:
-        os.environ.update(_FAST_HEALTH_CHECK)
-
-    import ray
-    from ray.cluster_utils import Cluster
-
-    def node_args(node: NodeSpec) -> dict:
-        return dict(
-            num_cpus=node.cpu_count,
-            num_gpus=node.gpu_count,
-            memory=int(node.size.memory),
-            resources={k: int(v) for k, v in node.ray_resources().items()},
-            labels={NODE_LABEL: node.name},
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        )
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={**node_args(spec.head), "include_dashboard": False},
-    )
-    try:
-        for worker in spec.workers:
-            cluster.add_node(**node_args(worker))
-        cluster.wait_for_nodes()
-        os.environ["RAY_ADDRESS"] = cluster.address
-        if connect_driver:
-            connect(cluster.address)
+    with LocalCluster(spec, tmp_dir=tmp_dir, fast_health_check=fast_health_check,
+                      connect_driver=connect_driver) as cluster:
         yield cluster.address
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if owns_tmp:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-

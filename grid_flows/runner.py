@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -36,6 +37,9 @@ from typing import Any, Callable, Iterable, Optional
 from uuid import UUID, uuid4
 
 from prefect.context import FlowRunContext, serialize_context
+from prefect.logging import get_run_logger
+from prefect.states import State, exception_to_crashed_state
+from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.task_runners import TaskRunner
 from prefect.utilities.collections import visit_collection
 from prefect.utilities.engine import collect_task_run_inputs_sync
@@ -59,7 +63,7 @@ from grid_flows.scheduler import (
 from grid_flows.settings import RAY_NAMESPACE, prefect_env_for_workers, ray_address
 
 logger = logging.getLogger("grid_flows.runner")
-_LIVENESS_REFRESH_SECONDS = 2.0
+_REFRESH_SECONDS = 1.0
 _EXAMPLE_REASONS = 5
 
 
@@ -71,10 +75,13 @@ class GridFuture(PrefectRayFuture):
         self._dispatched = threading.Event()
         self._early_callbacks: list[Callable] = []
         self._callback_lock = threading.Lock()
+        self._finished = threading.Event()
         self.placement: Optional[Placement] = None
+        self.dispatched_at: Optional[float] = None  # wall-clock time of the latest dispatch
 
     def _set_ref(self, ref: Any, placement: Placement) -> None:
         self.placement = placement
+        self.dispatched_at = time.time()
         with self._callback_lock:
             self._wrapped_future = ref
             self._dispatched.set()
@@ -86,18 +93,53 @@ class GridFuture(PrefectRayFuture):
     def dispatched(self) -> bool:
         return self._dispatched.is_set()
 
+    @property
+    def finished(self) -> bool:
+        """True once the runner saw the task's last attempt end (it will not be re-run)."""
+        return self._finished.is_set()
+
+    def _retried(self, ref: Any, deadline: float | None) -> bool:
+        """After ``ref`` failed: wait for the runner to re-run the task elsewhere (True) or give up."""
+        while not self._finished.is_set() and self._wrapped_future is ref:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self._finished.wait(0.05)
+        return self._wrapped_future is not ref
+
     def wait(self, timeout: float | None = None) -> None:
-        start = time.monotonic()
-        if not self._dispatched.wait(timeout):
+        import ray
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self._dispatched.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                return
+            ref = self._wrapped_future
+            try:
+                result = ray.get(ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                return
+            except Exception as exc:
+                if is_lost_with_node(exc) and self._retried(ref, deadline):
+                    continue
+                result = run_coro_as_sync(exception_to_crashed_state(exc))
+            if isinstance(result, State):
+                self._final_state = result
             return
-        super().wait(None if timeout is None else max(0.0, timeout - (time.monotonic() - start)))
 
     def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
-        start = time.monotonic()
-        if not self._dispatched.wait(timeout):
-            raise TimeoutError(f"Task run {self.task_run_id} is still queued after {timeout} seconds")
-        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-        return super().result(timeout=remaining, raise_on_failure=raise_on_failure)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self._dispatched.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"Task run {self.task_run_id} is still queued after {timeout} seconds")
+            ref = self._wrapped_future
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return super().result(timeout=remaining, raise_on_failure=raise_on_failure)
+            except Exception as exc:
+                if is_lost_with_node(exc) and self._retried(ref, deadline):
+                    self._final_state = None
+                    continue
+                raise
 
     def add_done_callback(self, fn: Callable) -> None:
         with self._callback_lock:
@@ -122,20 +164,24 @@ class _Binding:
     count: int = 0
     usable: bool = True
     why_unusable: str = ""
+    ended_here: bool = False  # this runner already ended the boost (expiry)
 
 
 @dataclass(order=True)
 class _Queued:
     sort_key: tuple
     future: GridFuture = field(compare=False)
-    submit: Callable[[dict], Any] = field(compare=False)
+    submit: Callable[[dict, UUID, dict], Any] = field(compare=False)
     need: Need = field(compare=False)
     upstream: list = field(compare=False)
     task_name: str = field(compare=False)
+    context: dict = field(compare=False)
+    attempts: int = field(default=0, compare=False)
 
 
 @dataclass
 class _InFlight:
+    item: _Queued
     kind: PlacementKind
     node: str
     boost_id: Optional[str]
@@ -199,6 +245,9 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._remote_fn = None
         self._labelled = False
         self._task_env: dict = {}
+        self._run_logger = None
+        self._crashed_runs: list[tuple[UUID, str]] = []
+        self._grace_seconds = 30.0
 
     # -- prefect's TaskRunner contract -----------------------------------------------------
 
@@ -277,6 +326,8 @@ class BoostRayTaskRunner(RayTaskRunner):
         if self._flow_run_id is None:
             ctx = FlowRunContext.get()
             self._flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else None
+            with contextlib.suppress(Exception):  # the flow run's logger reaches the Prefect UI
+                self._run_logger = get_run_logger()
 
         remote_options = dict(RemoteOptionsContext.get().current_remote_options or {})
         need = current_need(task.tags, remote_options)
@@ -296,23 +347,25 @@ class BoostRayTaskRunner(RayTaskRunner):
         future = GridFuture(task_run_id=task_run_id)
         upstream = _futures_in(parameters) + [f for f in (wait_for or []) if isinstance(f, GridFuture)]
 
-        def submit_to_ray(options: dict) -> Any:
+        def submit_to_ray(options: dict, run_id: UUID, run_context: dict) -> Any:
             params, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
             return (
                 self._remote_fn.options(name=task.name, **{**self._task_env, **remote_options, **options})
                 .remote(
                     *upstream_refs,
                     task=task,
-                    task_run_id=task_run_id,
+                    task_run_id=run_id,
                     parameters=params,
                     wait_for=wait_for,
                     dependencies=dependencies,
-                    context=context,
+                    context=run_context,
                 )
             )
 
         priority = need.priority or Priority.normal
-        queued = _Queued((-priority.rank, next(self._seq)), future, submit_to_ray, need, upstream, task.name)
+        queued = _Queued(
+            (-priority.rank, next(self._seq)), future, submit_to_ray, need, upstream, task.name, context
+        )
         with self._cond:
             heapq.heappush(self._queue, queued)
             self._dispatch_ready()
@@ -336,7 +389,7 @@ class BoostRayTaskRunner(RayTaskRunner):
             if binding and binding.usable:
                 binding.usable = False
                 binding.why_unusable = why
-                logger.log(level, "Boost %s: %s; new tasks run elsewhere", boost_id[:8], why)
+                self._say(level, f"Boost {boost_id[:8]}: {why}; new tasks run elsewhere")
 
     def detach_boost(self, boost_id: str, timeout: float | None = None) -> bool:
         """Stop routing to the boost and wait until none of its tasks runs; True if they all ended."""
@@ -389,6 +442,8 @@ class BoostRayTaskRunner(RayTaskRunner):
                 self.target = spec.head.name
         if self.allow_offload is None:
             self.allow_offload = bool(spec and spec.resource_sharing.enabled)
+        if spec is not None:
+            self._grace_seconds = spec.resource_sharing.grace_seconds
         self._sharing_mode = spec.resource_sharing.mode if spec else SharingMode.share_and_offload
         for name, info in nodes.items():
             self._alive[name] = info.alive
@@ -423,7 +478,8 @@ class BoostRayTaskRunner(RayTaskRunner):
         for b in self._bindings.values():
             if b.usable and now >= b.boost.expires_at:
                 b.usable, b.why_unusable = False, "expired"
-                logger.warning("Boost %s expired at %s; new tasks run elsewhere", b.boost.short_id, b.boost.expires_at)
+                self._say(logging.WARNING, f"Boost {b.boost.short_id} expired at {b.boost.expires_at:%H:%M:%S} UTC; "
+                                           "new tasks run elsewhere")
             views.append(
                 BoostView(
                     id=b.boost.id,
@@ -443,7 +499,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         waiting = []
         while self._queue:
             item = heapq.heappop(self._queue)
-            if not all(f.dispatched for f in item.upstream):
+            if not all(f.finished for f in item.upstream):
                 waiting.append(item)
                 continue
             requirement = Requirement(resources=item.need.resources(), node=item.need.node)
@@ -458,9 +514,9 @@ class BoostRayTaskRunner(RayTaskRunner):
 
     def _dispatch(self, item: _Queued, placement: Placement, need: Resources) -> None:
         options = self._ray_options(placement, need)
-        ref = item.submit(options)
+        ref = item.submit(options, item.future.task_run_id, item.context)
         node = placement.node or self.target
-        self._in_flight[ref] = _InFlight(placement.kind, node, placement.boost_id, need)
+        self._in_flight[ref] = _InFlight(item, placement.kind, node, placement.boost_id, need)
         if placement.kind is PlacementKind.boost:
             binding = self._bindings[placement.boost_id]
             binding.in_flight = binding.in_flight + need
@@ -474,7 +530,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         logger.debug("%s -> %s on %s (%.2f): %s", item.task_name, placement.kind.value, node,
                      placement.confidence, placement.reason)
         item.future._set_ref(ref, placement)
-        ref._on_completed(lambda _result, ref=ref: self._task_done(ref))
+        ref._on_completed(lambda result, ref=ref: self._task_done(ref, result))
 
     def _ray_options(self, placement: Placement, need: Resources) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -493,7 +549,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                 options["resources"] = need.lend_tokens()  # Ray enforces the lender's share
         return options
 
-    def _task_done(self, ref: Any) -> None:
+    def _task_done(self, ref: Any, result: Any = None) -> None:
         with self._cond:
             flight = self._in_flight.pop(ref, None)
             if flight is None:
@@ -506,27 +562,93 @@ class BoostRayTaskRunner(RayTaskRunner):
             else:
                 self._node_used[flight.node] = self._node_used[flight.node].minus(flight.resources)
                 self._node_in_flight[flight.node] -= 1
+            if is_lost_with_node(result) and flight.kind is not PlacementKind.target and flight.item.attempts < 1:
+                self._retry_elsewhere(flight, result)
+            else:
+                flight.item.future._finished.set()
             self._cond.notify_all()  # the dispatcher thread submits what now fits
 
+    def _retry_elsewhere(self, flight: _InFlight, error: BaseException) -> None:
+        """A task lost with its node (or its boost's group) runs again, as a new task run. Under the lock."""
+        if flight.kind is PlacementKind.boost:
+            binding = self._bindings.get(flight.boost_id)
+            if binding and binding.usable:
+                binding.usable, binding.why_unusable = False, f"lender {flight.node} is gone"
+        else:
+            self._alive[flight.node] = False
+        item = flight.item
+        old_run_id, new_run_id = item.future.task_run_id, uuid4()
+        item.context = _with_task_run_id(item.context, new_run_id)
+        item.future._task_run_id = new_run_id
+        item.attempts += 1
+        self._crashed_runs.append((old_run_id, f"lost with {flight.node} ({type(error).__name__}); re-run as {new_run_id}"))
+        heapq.heappush(self._queue, item)
+        self._say(logging.WARNING, f"Task {item.task_name} was lost with {flight.node} ({type(error).__name__}); "
+                                   "running it again elsewhere")
+
+    def _say(self, level: int, message: str) -> None:
+        """Log to this module and, when known, to the flow run's log in the Prefect UI."""
+        logger.log(level, message)
+        if self._run_logger is not None:
+            with contextlib.suppress(Exception):
+                self._run_logger.log(level, message)
+
     def _dispatch_loop(self) -> None:
+        from grid_flows.store import BoostStore
+
         last_refresh = time.monotonic()
-        while True:
-            with self._cond:
-                if self._stopping:
-                    return
-                self._cond.wait(timeout=0.2)
-                if self._stopping:
-                    return
-                self._dispatch_ready()
-            if time.monotonic() - last_refresh > _LIVENESS_REFRESH_SECONDS:
-                last_refresh = time.monotonic()
-                try:
-                    alive = {name: info.alive for name, info in rc.grid_nodes().items()}
-                except Exception as exc:  # keep placing on the last known view
-                    logger.debug("liveness refresh failed: %s", exc)
-                    continue
+        with BoostStore() as store:
+            while True:
                 with self._cond:
-                    self._alive.update(alive)
+                    if self._stopping:
+                        return
+                    self._cond.wait(timeout=0.2)
+                    if self._stopping:
+                        return
+                    self._dispatch_ready()
+                    crashed, self._crashed_runs = self._crashed_runs, []
+                for run_id, message in crashed:
+                    _mark_crashed(store, run_id, message)
+                if time.monotonic() - last_refresh > _REFRESH_SECONDS:
+                    last_refresh = time.monotonic()
+                    try:
+                        self._refresh(store)
+                    except Exception as exc:  # keep placing on the last known view
+                        logger.debug("refresh failed: %s", exc)
+
+    def _refresh(self, store) -> None:
+        """Node liveness and the records of bound boosts: preempted, released elsewhere,
+        extended, lender down, or expired (then this runner ends it as soon as it is idle)."""
+        from grid_flows import boosts as boost_ops
+        from grid_flows.ledger import Event
+
+        alive = {name: info.alive for name, info in rc.grid_nodes().items()}
+        with self._cond:
+            self._alive.update(alive)
+            bindings = list(self._bindings.values())
+        now = utcnow()
+        for binding in bindings:
+            b = binding.boost
+            if not alive.get(b.source, False) and not binding.ended_here:
+                self.stop_routing(b.id, f"lender {b.source} is down")
+                binding.ended_here = True
+                boost_ops.end(store, b.id, Event.node_lost, f"lender {b.source} is down")
+                continue
+            record = store.get(b.id)
+            if record.state.ended:
+                if not binding.ended_here:
+                    self.stop_routing(b.id, f"it was {record.state.value} ({record.reason or 'no reason given'})")
+            elif record.expires_at != b.expires_at:
+                with self._cond:
+                    binding.boost = record
+                    if binding.why_unusable == "expired" and now < record.expires_at:
+                        binding.usable, binding.why_unusable = True, ""
+                self._say(logging.INFO, f"Boost {b.short_id} now expires at {record.expires_at:%H:%M:%S} UTC")
+            elif binding.why_unusable == "expired" and not binding.ended_here:
+                overdue = (now - b.expires_at).total_seconds()
+                if binding.count == 0 or overdue >= self._grace_seconds:
+                    binding.ended_here = True
+                    boost_ops.end(store, b.id, Event.expire, "expired while its flow ran")
 
     # -- what the UI shows -----------------------------------------------------------------
 
@@ -555,6 +677,32 @@ class BoostRayTaskRunner(RayTaskRunner):
 def _rebuild_runner(cls, address, strategy, target, boost_ids, allow_offload, init_kwargs):
     return cls(address=address, strategy=strategy, target=target, boost_ids=boost_ids,
                allow_offload=allow_offload, init_kwargs=init_kwargs)
+
+
+def is_lost_with_node(error: Any) -> bool:
+    """Errors that mean the task's node or placement group went away, not that the task failed."""
+    import ray.exceptions as rex
+
+    return isinstance(
+        error,
+        (rex.NodeDiedError, rex.LocalRayletDiedError, rex.WorkerCrashedError, rex.TaskPlacementGroupRemoved,
+         rex.ObjectLostError),
+    )
+
+
+def _with_task_run_id(context: dict, task_run_id: UUID) -> dict:
+    """A copy of a serialized task context that names another task run."""
+    context = dict(context)
+    if isinstance(context.get("asset_context"), dict):
+        context["asset_context"] = {**context["asset_context"], "task_run_id": str(task_run_id)}
+    return context
+
+
+def _mark_crashed(store, task_run_id: UUID, message: str) -> None:
+    from prefect.states import Crashed
+
+    with contextlib.suppress(Exception):  # the run may not exist yet if the node died early
+        store.client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
 
 
 def _futures_in(parameters: dict[str, Any]) -> list[GridFuture]:

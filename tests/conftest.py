@@ -56,7 +56,9 @@ TEST_CLUSTER = {
             "memory_gb": 4,
             "resource_sharing": {"can_share": True, "max_share_cpu": 1, "max_share_memory_gb": 2, "priority": 2},
         },
-    ]
+    ],
+    # Short clocks so lifecycle tests take seconds; the rules themselves are unit-tested.
+    "resource_sharing": {"min_runtime_seconds": 0, "grace_seconds": 3},
 }
 
 

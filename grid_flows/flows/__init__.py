@@ -8,6 +8,12 @@ Example:
     ```
 """
 
-from grid_flows.flows.lifecycle import expire_boosts, release_boost_flow, request_boost_flow
+from grid_flows.flows.lifecycle import (
+    expire_boosts,
+    extend_boost_flow,
+    reconcile_boosts,
+    release_boost_flow,
+    request_boost_flow,
+)
 
-__all__ = ["expire_boosts", "release_boost_flow", "request_boost_flow"]
+__all__ = ["expire_boosts", "extend_boost_flow", "reconcile_boosts", "release_boost_flow", "request_boost_flow"]

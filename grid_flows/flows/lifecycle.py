@@ -69,3 +69,26 @@ def expire_boosts() -> list[str]:
     else:
         logger.info("No boost was overdue (%d live)", sum(not b.state.ended for b in live))
     return [b.id for b in ended]
+
+
+@flow(name="grid-reconcile-boosts")
+def reconcile_boosts(pending_timeout_seconds: float = 120.0) -> dict[str, list[str]]:
+    """Make Ray and the boost records agree (orphan groups, lost or stuck boosts). Idempotent."""
+    logger = get_run_logger()
+    report = boosts.reconcile(pending_timeout_seconds=pending_timeout_seconds)
+    for line in report.lines():
+        logger.info(line)
+    return {
+        "removed_groups": report.removed_groups,
+        "lost": report.lost,
+        "failed": report.failed,
+        "expired": report.expired,
+    }
+
+
+@flow(name="grid-extend-boost")
+def extend_boost_flow(boost_id: str, duration: Union[str, float]) -> dict[str, Any]:
+    """Extend an active boost within the cluster's maximum boost length."""
+    boost = boosts.extend(boost_id, duration)
+    get_run_logger().info("Boost %s now expires at %s UTC", boost.id, f"{boost.expires_at:%H:%M:%S}")
+    return boost.model_dump(mode="json")

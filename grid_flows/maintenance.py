@@ -1,0 +1,48 @@
+"""The built-in maintenance flows with their schedules, for `serve()` or `grid maintenance serve`.
+
+Each deployment runs at most one at a time; a run that comes due while the previous
+one still runs is cancelled (``CANCEL_NEW``). ``deployments/prefect.yaml`` declares the
+same flows and schedules for a work pool.
+
+Example:
+    ```python
+    from prefect import serve
+    from grid_flows import maintenance_deployments
+
+    serve(*maintenance_deployments())          # or: grid maintenance serve
+    ```
+"""
+
+from __future__ import annotations
+
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+from grid_flows.flows.lifecycle import expire_boosts, reconcile_boosts
+
+# name -> (flow, interval seconds). Rebalance and status snapshots join when their flows exist.
+SCHEDULES = {
+    "grid-expire": (expire_boosts, 30),
+    "grid-reconcile": (reconcile_boosts, 300),
+}
+
+
+def maintenance_deployments(interval_scale: float = 1.0) -> list:
+    """RunnerDeployments of the maintenance flows; ``interval_scale`` shortens intervals for tests."""
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    return [
+        flow.to_deployment(
+            name=name,
+            interval=max(1.0, seconds * interval_scale),
+            concurrency_limit=one_at_a_time,
+            tags=["grid-flows", "maintenance"],
+            description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
+        )
+        for name, (flow, seconds) in SCHEDULES.items()
+    ]
+
+
+def serve_maintenance(interval_scale: float = 1.0) -> None:
+    """Serve every maintenance flow in this process until interrupted."""
+    from prefect import serve
+
+    serve(*maintenance_deployments(interval_scale), print_starting_message=True)
