@@ -105,6 +105,17 @@ class GridBoost(Block):
         return boost_from_data(self.model_dump())
 
 
+class GridBoostHistory(GridBoost):
+    """An ended boost (released, expired, preempted, lost or failed), kept for the record.
+
+    Live boosts are ``Grid Boost`` documents; when a boost ends its record moves here.
+    """
+
+    _block_type_name = "Grid Boost History"
+    _block_type_slug = "grid-boost-history"
+    _description = "An ended grid-flows boost, kept for the record."
+
+
 def boost_from_data(data: dict) -> Boost:
     """A Boost from a GridBoost document's data (as read from the API)."""
     return Boost(

@@ -174,7 +174,7 @@ def _preempt_and_grant(
                              priority=prio, duration_seconds=seconds, now=utcnow(), origin=origin)
     victims = []
     for victim in plan.victims:
-        with store.lock():
+        with rc.ledger_lock():
             current = store.get(victim.id)
             if current.state is not BoostState.active:
                 continue  # ended meanwhile: its capacity frees anyway
@@ -207,7 +207,7 @@ def _preempt_and_grant(
 
 
 def _activate(store: BoostStore, boost: Boost, group_id: str) -> Boost:
-    with store.lock():
+    with rc.ledger_lock():
         current = store.get(boost.id)
         if current.state is not BoostState.pending:  # reconcile gave up on it meanwhile
             rc.remove_group(group_id)
@@ -272,12 +272,13 @@ def release(boost_id: str, *, address: str | None = None, reason: str = "release
     """End a boost and free its capacity. Releasing an ended boost returns it unchanged."""
     with BoostStore() as store:
         boost = store.resolve(boost_id)
+        rc.connect(address)
         return end(store, boost.id, Event.release, reason, address=address)
 
 
 def end(store: BoostStore, boost_id: str, event: Event, reason: str, *, address: str | None = None) -> Boost:
     """Move a live boost to an ended state, then remove its group (record first: see below)."""
-    with store.lock():
+    with rc.ledger_lock():
         boost = store.get(boost_id)
         if boost.state.ended:
             return boost
@@ -312,7 +313,7 @@ def expire_overdue(store: BoostStore, now: datetime | None = None, boosts: Itera
 
 def list_boosts(target: str | None = None, include_ended: bool = False) -> list[Boost]:
     with BoostStore() as store:
-        boosts = store.list()
+        boosts = store.list(include_ended=include_ended)
     return [
         b
         for b in boosts
@@ -332,7 +333,8 @@ def extend(boost_id: str, duration: str | float) -> Boost:
         spec = store.load_cluster()
         limit = spec.resource_sharing.max_boost_duration_seconds
         boost = store.resolve(boost_id)
-        with store.lock():
+        rc.connect()
+        with rc.ledger_lock():
             boost = store.get(boost.id)
             if boost.state is not BoostState.active:
                 raise InvalidRequest(f"boost {boost.id} is {boost.state.value}; only an active boost can be extended")
@@ -379,7 +381,9 @@ def reconcile(*, pending_timeout_seconds: float = 120.0, address: str | None = N
     rc.connect(address)
     with BoostStore() as store:
         now = utcnow()
-        records = store.list()
+        records = store.list(include_ended=True)  # an ended record wins over a stale live copy
+        for half_moved in {b.id for b in store.list()} & {b.id for b in records if b.state.ended}:
+            store.delete(half_moved)  # a crash between the two writes of an end: finish it
         groups = rc.grid_groups()
         nodes = rc.grid_nodes()
         by_group = {b.placement_group: b for b in records}

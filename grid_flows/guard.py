@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, Union, runtime_checkable
 
 from grid_flows.models import NODE_LABEL, GridError, ModeOverrides, NodeSpec, ResourceMode
 from grid_flows.settings import RAY_NAMESPACE
@@ -568,12 +568,13 @@ def _ensure_ray():
 def throttle_actor(node: str, *, key: str | None = None):
     """The node's throttle actor, created on first use: named, detached, in the grid
     namespace, using no CPU, pinned to the node by its ``grid.node`` label so its wall
-    clock is the one the node's tasks read."""
+    clock is the one the node's tasks read. Handles are cached per Ray job."""
     global _actor_class
     ray = _ensure_ray()
     name = throttle_actor_name(node, key)
+    cache_key = f"{ray.get_runtime_context().get_job_id()}/{name}"
     with _handles_lock:
-        handle = _handles.get(name)
+        handle = _handles.get(cache_key)
         if handle is not None:
             return handle
         if _actor_class is None:
@@ -587,8 +588,14 @@ def throttle_actor(node: str, *, key: str | None = None):
             max_concurrency=1,
             label_selector={NODE_LABEL: node},
         ).remote()
-        _handles[name] = handle
+        _handles[cache_key] = handle
         return handle
+
+
+def _forget(name: str) -> None:
+    with _handles_lock:
+        for cache_key in [k for k in _handles if k.endswith("/" + name)]:
+            del _handles[cache_key]
 
 
 def _call_throttle(node: str, key: str | None, method: str, *args: Any, timeout_seconds: float = 30.0) -> Any:
@@ -600,8 +607,7 @@ def _call_throttle(node: str, key: str | None, method: str, *args: Any, timeout_
         try:
             return ray.get(getattr(handle, method).remote(*args), timeout=timeout_seconds)
         except RayActorError:
-            with _handles_lock:  # killed or lost with its node: make a new one, once
-                _handles.pop(throttle_actor_name(node, key), None)
+            _forget(throttle_actor_name(node, key))  # killed or lost with its node: make a new one, once
             if attempt == 2:
                 raise ThrottleError(f"GPU throttle actor of node '{node}' died twice") from None
         except GetTimeoutError:
@@ -612,6 +618,14 @@ def _call_throttle(node: str, key: str | None, method: str, *args: Any, timeout_
     raise AssertionError("unreachable")
 
 
+class ThrottleSlot(NamedTuple):
+    """A GPU start slot: when the task may start (``time.time()`` on the node) and how
+    long the caller slept for it."""
+
+    start: float
+    waited_seconds: float
+
+
 def throttle_gpu_start(
     node: str,
     interval_ms: float,
@@ -620,24 +634,25 @@ def throttle_gpu_start(
     timeout_seconds: float = 30.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.time,
-) -> float:
-    """Wait for this GPU task's start slot on ``node``; return the seconds waited.
+) -> ThrottleSlot:
+    """Wait for this GPU task's start slot on ``node``; return the slot.
 
-    Slots are at least ``interval_ms`` apart across every process on the node. An
-    interval of 0 returns at once and creates no actor. ``key`` names a separate
-    throttle on the same node (tests use it for a fresh counter).
+    Slots are at least ``interval_ms`` apart across every process on the node (the
+    node's throttle actor hands them out one call at a time); the caller then sleeps
+    until its slot holding nothing. An interval of 0 returns at once and creates no
+    actor. ``key`` names a separate throttle on the same node (tests use it for a fresh
+    counter).
     """
     if interval_ms <= 0:
-        return 0.0
+        return ThrottleSlot(clock(), 0.0)
     start = _call_throttle(node, key, "reserve", interval_ms / 1000.0, timeout_seconds=timeout_seconds)
-    begin = clock()
-    delay = start - begin
+    delay = start - clock()
     if delay > 0:
         sleep(delay)
         # time.sleep may wake a hair early on some platforms: never start before the slot.
         while clock() < start:
             sleep(max(0.0, start - clock()))
-    return max(0.0, delay)
+    return ThrottleSlot(start, max(0.0, delay))
 
 
 def throttle_starts(node: str, *, key: str | None = None, timeout_seconds: float = 30.0) -> int:
@@ -649,8 +664,7 @@ def kill_throttle(node: str, *, key: str | None = None) -> bool:
     """Kill the node's throttle actor (it is detached); False when there was none."""
     ray = _ensure_ray()
     name = throttle_actor_name(node, key)
-    with _handles_lock:
-        _handles.pop(name, None)
+    _forget(name)
     try:
         handle = ray.get_actor(name, namespace=RAY_NAMESPACE)
     except ValueError:
@@ -697,7 +711,7 @@ def guard_task(
     probe: GpuProbe | None = None,
     *,
     wait_seconds: float = 30.0,
-    throttle: Callable[[str, float], float] | None = None,
+    throttle: Callable[[str, float], ThrottleSlot] | None = None,
 ) -> GuardReport:
     """Apply ``node``'s mode to the task starting in this process.
 
@@ -713,7 +727,7 @@ def guard_task(
     if need_gpu <= 0:
         return report
     probe = probe if probe is not None else NvmlProbe()
-    report.throttle_wait_seconds = (throttle or throttle_gpu_start)(node.name, limits.gpu_interval_ms)
+    report.throttle_wait_seconds = (throttle or throttle_gpu_start)(node.name, limits.gpu_interval_ms).waited_seconds
     visible = visible_device_indices()
     device_index = visible[0] if visible else 0
     report.vram = admit_gpu_task(limits, need_memory_bytes_gpu, probe, wait_seconds=wait_seconds, device_index=device_index)

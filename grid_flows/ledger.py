@@ -153,10 +153,14 @@ def overdue(boosts: Iterable[Boost], now: datetime) -> list[Boost]:
 
 
 def held_by_lender(boosts: Iterable[Boost]) -> dict[str, Resources]:
-    """Sum of the resources that live (pending or active) boosts hold, per source node."""
+    """Sum of the resources that active boosts hold, per source node.
+
+    Pending boosts do not count: several requesters may each have a pending record naming
+    the same lender, and Ray grants at most what the lender's tokens allow.
+    """
     held: dict[str, Resources] = defaultdict(Resources)
     for b in boosts:
-        if not b.state.ended:
+        if b.state is BoostState.active:
             held[b.source] = held[b.source] + b.resources
     return dict(held)
 

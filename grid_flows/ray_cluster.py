@@ -35,7 +35,7 @@ from grid_flows.models import (
     NodeSpec,
     Resources,
 )
-from grid_flows.settings import RAY_NAMESPACE, ray_address
+from grid_flows.settings import RAY_NAMESPACE, GridSettings, ray_address
 
 # Small object stores keep a one-machine cluster light (DESIGN.md section 4).
 LOCAL_OBJECT_STORE_BYTES = 78 * 1024**2
@@ -48,6 +48,74 @@ _FAST_HEALTH_CHECK = {
 
 class RayUnavailable(GridError):
     exit_code = 2
+
+
+class LedgerBusy(GridError):
+    """The ledger lock stayed taken for longer than the caller would wait."""
+
+
+LEDGER_LOCK_NAME = "grid-ledger-lock"
+LEDGER_LOCK_TTL_SECONDS = 15.0
+_lock_actor = None
+
+
+def _ledger_lock_actor():
+    """The cluster's one ledger lock: a named, detached Ray actor, created on first use.
+
+    Why not Prefect's global concurrency limit: its leases last at least 60 s, so a
+    process killed while holding it stalls every writer for a minute or more. This lock
+    expires a dead holder's claim after LEDGER_LOCK_TTL_SECONDS, and costs ~1 ms a call.
+    Calls to one actor run one at a time, so acquire is atomic.
+    """
+    global _lock_actor
+    if _lock_actor is None:
+        import ray
+
+        @ray.remote(num_cpus=0, max_restarts=-1)
+        class LedgerLock:
+            def __init__(self) -> None:
+                self.holder: str | None = None
+                self.until = 0.0
+
+            def acquire(self, holder: str, ttl: float) -> bool:
+                now = time.time()
+                if self.holder is None or now >= self.until or self.holder == holder:
+                    self.holder, self.until = holder, now + ttl
+                    return True
+                return False
+
+            def release(self, holder: str) -> None:
+                if self.holder == holder:
+                    self.holder = None
+
+        _lock_actor = LedgerLock.options(
+            name=LEDGER_LOCK_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True
+        ).remote()
+    return _lock_actor
+
+
+@contextlib.contextmanager
+def ledger_lock(timeout_seconds: float | None = None) -> Iterator[None]:
+    """Serialise read-modify-write of boost records across every process of the cluster."""
+    import uuid
+
+    import ray
+
+    timeout_seconds = timeout_seconds or GridSettings().lock_timeout_seconds
+    actor = _ledger_lock_actor()
+    holder = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout_seconds
+    pause = 0.002
+    while not ray.get(actor.acquire.remote(holder, LEDGER_LOCK_TTL_SECONDS), timeout=timeout_seconds):
+        if time.monotonic() >= deadline:
+            raise LedgerBusy(f"the ledger lock stayed taken for {timeout_seconds:g} s")
+        time.sleep(pause)  # back off while another process changes a record
+        pause = min(pause * 2, 0.05)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            ray.get(actor.release.remote(holder), timeout=timeout_seconds)
 
 
 @dataclass
@@ -227,6 +295,18 @@ def wait_for_free(node: str, resources: Resources, timeout_seconds: float = 5.0)
     return False
 
 
+def wait_for_lendable(node: str, resources: Resources, timeout_seconds: float = 5.0) -> bool:
+    """Poll until ``node`` shows at least ``resources`` of lend tokens free."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        info = grid_nodes().get(node)
+        if info and resources.fits_in(info.lendable_free):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def ray_start_args(node: NodeSpec, head_address: str | None = None) -> list[str]:
     """The ``ray start`` flags that give a node its grid identity and its lending limits."""
     import json
@@ -267,8 +347,8 @@ class LocalCluster:
         self._saved_env: dict[str, str | None] = {}
 
     def __enter__(self) -> "LocalCluster":
+        self._saved_env = {k: os.environ.get(k) for k in (*_FAST_HEALTH_CHECK, "RAY_ADDRESS", "RAY_TMPDIR")}
         quiet_ray_environment(self.tmp_dir)
-        self._saved_env = {k: os.environ.get(k) for k in (*_FAST_HEALTH_CHECK, "RAY_ADDRESS")}
         if self.fast_health_check:
             os.environ.update(_FAST_HEALTH_CHECK)  # read by the GCS at start: lost nodes seen in ~0.6 s
         from ray.cluster_utils import Cluster

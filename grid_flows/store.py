@@ -1,9 +1,9 @@
-"""The Prefect adapter: boost records in blocks, the ledger lock, artifacts and events.
+"""The Prefect adapter: boost records in blocks, the cluster block, artifacts and events.
 
 One block document per boost (``boost-<id>``): creating a document with a new name is
-atomic, so concurrent requesters never overwrite each other. Changes to an existing
-record happen under a global concurrency limit of 1 used as a lock, because blocks
-have no compare-and-swap (DESIGN.md section 4).
+atomic, so concurrent requesters never overwrite each other. Blocks have no
+compare-and-swap (DESIGN.md section 4), so changes to an existing record happen under
+the cluster's ledger lock (``ray_cluster.ledger_lock``).
 
 Example:
     ```python
@@ -24,19 +24,14 @@ from typing import Iterable, Iterator
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import (
-    BlockDocumentCreate,
-    BlockDocumentUpdate,
-    GlobalConcurrencyLimitCreate,
-)
+from prefect.client.schemas.actions import BlockDocumentCreate, BlockDocumentUpdate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from grid_flows.blocks import GridBoost, GridCluster, boost_document_name, boost_from_data
+from grid_flows.blocks import GridBoost, GridBoostHistory, GridCluster, boost_document_name, boost_from_data
 from grid_flows.models import Boost, ClusterSpec, GridError, Resources, UnknownBoost, utcnow
 from grid_flows.settings import GridSettings
 from grid_flows.units import format_amount, format_bytes, format_duration
 
-LOCK_NAME = "grid-ledger"
 BOOSTS_ARTIFACT_KEY = "grid-boosts"
 logger = logging.getLogger("grid_flows.store")
 
@@ -50,7 +45,6 @@ class ClusterNotConfigured(GridError):
 
 
 _registered_types: set[str] = set()
-_ensured_lock = False
 
 
 def _register(block_cls: type) -> None:
@@ -86,39 +80,63 @@ class BoostStore:
         return self._client
 
     # -- records ---------------------------------------------------------------------
+    #
+    # Live boosts (pending, active) are GridBoost documents; an ended boost moves to a
+    # GridBoostHistory document of the same name. So the hot paths (grant, expire on
+    # touch, the grid-boosts table) read only the few live records, however long the
+    # history grows. A crash between the two writes of a move leaves both documents;
+    # the history copy wins and the next save or reconcile removes the live one.
 
     def create(self, boost: Boost) -> None:
-        """Write a new record; fails if a record with this id exists (atomic by name)."""
-        _register(GridBoost)
-        block = GridBoost.from_boost(boost)
-        doc = block._to_block_document(name=boost_document_name(boost.id), include_secrets=True)
-        create = BlockDocumentCreate(
-            **doc.model_dump(include={"name", "block_schema_id", "block_type_id", "data", "is_anonymous"})
-        )
+        """Write a new live record; fails if a record with this id exists (atomic by name)."""
         try:
-            created = self.client.create_block_document(block_document=create)
+            self._create(GridBoost, boost)
         except ObjectAlreadyExists:
             raise GridError(f"boost {boost.id} already has a record") from None
-        self._doc_ids[boost.id] = created.id
+
+    def _create(self, block_cls: type, boost: Boost) -> None:
+        _register(block_cls)
+        doc = block_cls.from_boost(boost)._to_block_document(name=boost_document_name(boost.id), include_secrets=True)
+        created = self.client.create_block_document(
+            block_document=BlockDocumentCreate(
+                **doc.model_dump(include={"name", "block_schema_id", "block_type_id", "data", "is_anonymous"})
+            )
+        )
+        if block_cls is GridBoost:
+            self._doc_ids[boost.id] = created.id
 
     def save(self, boost: Boost) -> None:
-        """Overwrite an existing record. Call under :meth:`lock` when others may write it."""
-        _register(GridBoost)
-        doc_id = self._doc_id(boost.id)
-        doc = GridBoost.from_boost(boost)._to_block_document(
-            name=boost_document_name(boost.id), include_secrets=True
-        )
+        """Write a changed record; an ended boost moves to the history.
+
+        Call under ``ray_cluster.ledger_lock()`` when others may write the record.
+        """
+        if boost.state.ended:
+            try:
+                self._create(GridBoostHistory, boost)
+            except ObjectAlreadyExists:
+                self._update(GridBoostHistory, self._history_doc(boost.id).id, boost)
+            self.delete(boost.id)
+            return
+        self._update(GridBoost, self._doc_id(boost.id), boost)
+
+    def _update(self, block_cls: type, doc_id: UUID, boost: Boost) -> None:
+        _register(block_cls)
+        doc = block_cls.from_boost(boost)._to_block_document(name=boost_document_name(boost.id), include_secrets=True)
         self.client.update_block_document(
             block_document_id=doc_id,
             block_document=BlockDocumentUpdate(**doc.model_dump(include={"block_schema_id", "data"})),
         )
 
     def delete(self, boost_id: str) -> None:
+        """Remove the live record (a request that never held anything leaves no trace)."""
         with contextlib.suppress(ObjectNotFound, UnknownBoost):
             self.client.delete_block_document(self._doc_id(boost_id))
         self._doc_ids.pop(boost_id, None)
 
     def get(self, boost_id: str) -> Boost:
+        """The record of a boost, live or ended."""
+        with contextlib.suppress(ObjectNotFound):
+            return boost_from_data(self._history_doc(boost_id).data)
         try:
             doc = self.client.read_block_document_by_name(
                 name=boost_document_name(boost_id), block_type_slug=GridBoost.get_block_type_slug()
@@ -128,34 +146,49 @@ class BoostStore:
         self._doc_ids[boost_id] = doc.id
         return boost_from_data(doc.data)
 
-    def list(self) -> list[Boost]:
-        """Every boost record, newest first."""
+    def _history_doc(self, boost_id: str):
+        return self.client.read_block_document_by_name(
+            name=boost_document_name(boost_id), block_type_slug=GridBoostHistory.get_block_type_slug()
+        )
+
+    def list(self, include_ended: bool = False) -> list[Boost]:
+        """Live boost records (or every record), newest first."""
+        live = {}
+        for doc in self._all_docs(GridBoost):
+            if doc.data.get("boost_id"):
+                self._doc_ids[doc.data["boost_id"]] = doc.id
+                live[doc.data["boost_id"]] = boost_from_data(doc.data)
+        boosts = dict(live)
+        if include_ended:
+            for doc in self._all_docs(GridBoostHistory):
+                if doc.data.get("boost_id"):
+                    boosts[doc.data["boost_id"]] = boost_from_data(doc.data)  # history wins
+        return sorted(boosts.values(), key=lambda b: b.created_at, reverse=True)
+
+    def _all_docs(self, block_cls: type) -> list:
+        docs: list = []
         try:
-            docs = []
-            offset = 0
             while True:
                 page = self.client.read_block_documents_by_type(
-                    GridBoost.get_block_type_slug(), offset=offset, limit=200
+                    block_cls.get_block_type_slug(), offset=len(docs), limit=200
                 )
                 docs.extend(page)
                 if len(page) < 200:
-                    break
-                offset += 200
+                    return docs
         except ObjectNotFound:
-            return []  # the block type is registered by the first boost ever made
-        boosts = []
-        for doc in docs:
-            if doc.data.get("boost_id"):
-                self._doc_ids[doc.data["boost_id"]] = doc.id
-                boosts.append(boost_from_data(doc.data))
-        return sorted(boosts, key=lambda b: b.created_at, reverse=True)
+            return []  # the block type is registered with its first document
 
     def resolve(self, id_or_prefix: str, boosts: Iterable[Boost] | None = None) -> Boost:
         """The boost whose id is ``id_or_prefix`` or uniquely starts with it."""
         text = id_or_prefix.strip().lower()
         if not text:
             raise UnknownBoost("boost id is empty")
-        boosts = list(boosts) if boosts is not None else self.list()
+        if boosts is None:
+            boosts = self.list()
+            if not any(b.id.startswith(text) for b in boosts):
+                boosts = self.list(include_ended=True)  # ended boosts can be named too
+        else:
+            boosts = list(boosts)
         exact = [b for b in boosts if b.id == text]
         if exact:
             return exact[0]
@@ -171,38 +204,6 @@ class BoostStore:
         if boost_id not in self._doc_ids:
             self.get(boost_id)
         return self._doc_ids[boost_id]
-
-    # -- the ledger lock -------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Serialise read-modify-write of records across every process of the cluster."""
-        from prefect.concurrency.sync import concurrency
-
-        self._ensure_lock()
-        try:
-            with concurrency(
-                LOCK_NAME,
-                occupy=1,
-                strict=True,
-                lease_duration=60,
-                timeout_seconds=GridSettings().lock_timeout_seconds,
-            ):
-                yield
-        except TimeoutError:
-            raise GridError(
-                f"the ledger lock '{LOCK_NAME}' stayed busy for {GridSettings().lock_timeout_seconds:g} s"
-            ) from None
-
-    def _ensure_lock(self) -> None:
-        global _ensured_lock
-        if _ensured_lock:
-            return
-        with contextlib.suppress(ObjectAlreadyExists):
-            self.client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=LOCK_NAME, limit=1, active=True)
-            )
-        _ensured_lock = True
 
     # -- what the UI shows -------------------------------------------------------------
 

@@ -7,15 +7,12 @@ applied) and get a clean ledger before each test.
 from __future__ import annotations
 
 import os
-import tempfile
 
 # Quiet, light Ray and Prefect settings must be in place before ray or prefect is imported.
-_RAY_TMP = tempfile.mkdtemp(prefix="grid-test-", dir="/tmp")
-os.makedirs(os.path.join(_RAY_TMP, "ray"), exist_ok=True)
+# (RAY_TMPDIR is set by LocalCluster, to a directory it makes and removes.)
 os.environ.update(
     {
         "RAY_AUTH_MODE": "disabled",
-        "RAY_TMPDIR": _RAY_TMP,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_enable_worker_prestart": "0",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -25,7 +22,6 @@ os.environ.update(
 )
 os.environ.pop("RAY_ADDRESS", None)
 
-import shutil  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -91,9 +87,8 @@ def grid_session(prefect_server):
     spec = parse_cluster(TEST_CLUSTER)
     with BoostStore() as store:
         store.save_cluster(spec)
-    with local_cluster(spec, tmp_dir=_RAY_TMP) as address:
+    with local_cluster(spec) as address:
         yield Grid(spec=spec, address=address, api_url=prefect_server)
-    shutil.rmtree(_RAY_TMP, ignore_errors=True)
 
 
 @pytest.fixture

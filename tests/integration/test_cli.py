@@ -50,14 +50,14 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("args,message", BAD_REQUESTS, ids=[" ".join(a) for a, _ in BAD_REQUESTS])
 def test_bad_input_exits_2_with_one_line_and_leaves_nothing(grid, capsys, args, message):
     with BoostStore() as store:
-        records_before = len(store.list())
+        records_before = len(store.list(include_ended=True))
     code, out, err = grid_cli(capsys, *args)
     assert code == 2
     assert message in err
     assert "Traceback" not in err + out
     assert len(err.strip().splitlines()) == 1
     with BoostStore() as store:
-        assert len(store.list()) == records_before
+        assert len(store.list(include_ended=True)) == records_before
     assert rc.grid_groups() == {}
 
 

@@ -1,0 +1,161 @@
+"""Crash safety and concurrency: SIGKILLed requesters, reconcile, and many writers at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from grid_flows import ray_cluster as rc
+from grid_flows.boosts import reconcile
+from grid_flows.models import BoostState, Resources
+from grid_flows.store import BoostStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+# Requests and releases in a loop until killed; says READY once connected.
+_CHURN = textwrap.dedent(
+    """
+    import random, sys
+    from grid_flows import NoCapacity, release_boost, request_boost
+    from grid_flows import ray_cluster as rc
+    rc.connect()
+    print("READY", flush=True)
+    held = []
+    while True:
+        if held and random.random() < 0.5:
+            release_boost(held.pop(random.randrange(len(held))))
+        else:
+            try:
+                held.append(request_boost("gpu-master", cpu=0.5, source=random.choice(["gpu1", "gpu2"]),
+                                          duration=600).id)
+            except NoCapacity:
+                pass
+    """
+)
+
+
+def _lenders(grid) -> dict[str, Resources]:
+    return {n.name: n.share for n in grid.spec.lenders()}
+
+
+def _assert_consistent(grid) -> None:
+    """No orphan group, no live record without its group, and no capacity leaked or lent twice."""
+    with BoostStore() as store:
+        records = store.list()
+    live = [b for b in records if not b.state.ended]
+    groups = rc.grid_groups()
+    assert all(b.state is BoostState.active for b in live), [b.state for b in live]
+    assert sorted(groups) == sorted(b.placement_group for b in live)
+    nodes = rc.grid_nodes()
+    for lender, share in _lenders(grid).items():
+        held = Resources()
+        for b in live:
+            if b.source == lender:
+                held = held + b.resources
+        assert held.fits_in(share), (lender, held, share)
+        # Every token the lender declared is either free or held by a live record.
+        assert rc.wait_for_lendable(lender, share.minus(held), timeout_seconds=5), lender
+
+
+def test_sigkill_at_random_points_of_request_and_release_leaves_nothing_behind(grid):
+    rng = random.Random(20261123)
+    kills = 0
+    while kills < 32:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _CHURN], env=grid.env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+            for _ in range(4)
+        ]
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "READY"
+        for proc in procs:
+            time.sleep(rng.uniform(0.05, 0.8))  # a random point in the request/release loop
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            kills += 1
+    reconcile(pending_timeout_seconds=0)  # every requester is dead: nothing is in flight
+    assert reconcile(pending_timeout_seconds=0).changed is False, "reconcile is not idempotent"
+    _assert_consistent(grid)
+    assert kills >= 30
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, random, sys
+    from grid_flows import NoCapacity, InvalidRequest, release_boost, request_boost
+    from grid_flows.boosts import extend
+    rng = random.Random(int(sys.argv[1]))
+    held, log = [], []
+    for _ in range(int(sys.argv[2])):
+        op = rng.choice(["request", "request", "release", "extend"])
+        if op == "request":
+            try:
+                b = request_boost("gpu-master", cpu=rng.choice([0.5, 1]), source=rng.choice(["gpu1", "gpu2"]),
+                                  duration=600)
+                held.append(b.id); log.append(["granted", b.id])
+            except NoCapacity:
+                log.append(["refused", None])
+        elif op == "release" and held:
+            boost_id = held.pop(rng.randrange(len(held)))
+            release_boost(boost_id); log.append(["released", boost_id])
+        elif op == "extend" and held:
+            extend(rng.choice(held), 30); log.append(["extended", None])
+    print(json.dumps({"held": held, "log": log}))
+    """
+)
+
+
+def test_200_random_operations_from_4_processes_keep_every_share_and_every_record(grid):
+    stop = threading.Event()
+    violations: list[str] = []
+
+    def watch() -> None:
+        shares = _lenders(grid)
+        while not stop.is_set():
+            with BoostStore() as store:
+                # The invariant is about grants: a pending record may name a lender it never gets.
+                live = [b for b in store.list() if b.state is BoostState.active]
+            for lender, share in shares.items():
+                held = Resources()
+                for b in live:
+                    if b.source == lender:
+                        held = held + b.resources
+                if not held.fits_in(share):
+                    violations.append(f"{lender} lends {held.describe()} > {share.describe()}")
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, str(seed), "50"], env=grid.env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for seed in range(4)
+    ]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=360)
+        assert proc.returncode == 0, err[-2000:]
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
+    stop.set()
+    watcher.join(timeout=10)
+
+    assert violations == []
+    granted = {boost_id for o in outputs for kind, boost_id in o["log"] if kind == "granted"}
+    released = {boost_id for o in outputs for kind, boost_id in o["log"] if kind == "released"}
+    held = {boost_id for o in outputs for boost_id in o["held"]}
+    assert sum(len(o["log"]) for o in outputs) >= 150  # releases/extends of nothing are skipped
+    with BoostStore() as store:
+        records = {b.id: b for b in store.list(include_ended=True)}
+    assert granted <= set(records), "a granted boost has no record"
+    assert {b for b in granted if records[b].state is BoostState.released} == released
+    assert {b for b in granted if records[b].state is BoostState.active} == held
+    _assert_consistent(grid)

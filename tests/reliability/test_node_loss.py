@@ -1,0 +1,92 @@
+"""A lender dies in the middle of a boosted flow; the Prefect server restarts under live boosts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+from prefect import flow, task
+
+from grid_flows import BoostRayTaskRunner, boosted, list_boosts, request_boost
+from grid_flows import ray_cluster as rc
+from grid_flows.cluster_file import parse_cluster
+from grid_flows.models import BoostState
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def lossy_cluster(grid_session):
+    """A cluster of its own whose workers may die; Ray notices a dead node in under a second."""
+    from tests.conftest import TEST_CLUSTER
+
+    ray.shutdown()  # leave the session cluster for this test
+    with rc.LocalCluster(parse_cluster(TEST_CLUSTER), fast_health_check=True) as cluster:
+        yield cluster
+    rc.connect(grid_session.address)
+
+
+@task
+def step(i: int) -> dict:
+    start = time.time()
+    time.sleep(1.0)
+    return {"i": i, "group": ray.get_runtime_context().get_placement_group_id() or "", "start": start}
+
+
+def test_a_dead_lender_loses_its_boost_and_the_flow_finishes_on_the_target(lossy_cluster):
+    from grid_flows.boosts import reconcile
+
+    results: dict = {}
+
+    @boosted(cpu=2, source="gpu1", duration="10m")
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def keeps_going() -> list[dict]:
+        return [f.result(timeout=180) for f in step.map(range(10))]
+
+    runner = threading.Thread(target=lambda: results.setdefault("rows", keeps_going()))
+    runner.start()
+    deadline = time.monotonic() + 90
+    boost = None
+    while time.monotonic() < deadline:
+        live = list_boosts()
+        if live and not rc.group_idle(live[0].placement_group_id, live[0].resources.bundle()):
+            boost = live[0]
+            break
+        time.sleep(0.05)  # until a task runs inside the boost
+    assert boost is not None, "no task ran in the boost"
+    killed_at = time.time()
+    lossy_cluster.stop_node("gpu1")
+    runner.join(timeout=200)
+    assert not runner.is_alive()
+
+    rows = results["rows"]
+    assert sorted(r["i"] for r in rows) == list(range(10))  # the task lost with gpu1 ran again
+    record = next(b for b in list_boosts(include_ended=True) if b.id == boost.id)
+    assert record.state is BoostState.lost
+    assert "gpu1 is down" in record.reason
+    assert record.ended_at.timestamp() - killed_at < 5  # health check ~0.6 s, runner refresh 1 s
+    assert all(not r["group"] for r in rows if r["start"] > record.ended_at.timestamp())
+    assert reconcile().changed is False  # the runner already made Ray and the record agree
+
+
+def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid_session):
+    """A real `prefect server` on SQLite in tmp_path, stopped and started again under a live boost."""
+    from grid_flows.local_prefect import local_prefect_server
+    from grid_flows.store import BoostStore
+
+    home = tmp_path / "prefect"
+    with local_prefect_server(home) as api_url:
+        with BoostStore() as store:
+            store.save_cluster(grid_session.spec)
+        boost = request_boost("gpu-master", cpu=1, source="gpu2", duration="10m")
+        port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+    assert boost.placement_group in rc.grid_groups()  # Ray kept the group while the server was down
+    with local_prefect_server(home, port=port):
+        (again,) = list_boosts()
+        assert again == boost
+        from grid_flows import release_boost
+
+        assert release_boost(boost.id).state is BoostState.released
+    assert rc.grid_groups() == {}
