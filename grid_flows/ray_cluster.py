@@ -56,7 +56,7 @@ class LedgerBusy(GridError):
 
 LEDGER_LOCK_NAME = "grid-ledger-lock"
 LEDGER_LOCK_TTL_SECONDS = 15.0
-_lock_actor = None
+_lock_actor: tuple[str, object] | None = None  # (Ray job id, handle): a new connection finds it anew
 
 
 def _ledger_lock_actor():
@@ -67,9 +67,11 @@ def _ledger_lock_actor():
     expires a dead holder's claim after LEDGER_LOCK_TTL_SECONDS, and costs ~1 ms a call.
     Calls to one actor run one at a time, so acquire is atomic.
     """
+    import ray
+
     global _lock_actor
-    if _lock_actor is None:
-        import ray
+    job = ray.get_runtime_context().get_job_id()
+    if _lock_actor is None or _lock_actor[0] != job:
 
         @ray.remote(num_cpus=0, max_restarts=-1)
         class LedgerLock:
@@ -88,10 +90,15 @@ def _ledger_lock_actor():
                 if self.holder == holder:
                     self.holder = None
 
-        _lock_actor = LedgerLock.options(
-            name=LEDGER_LOCK_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True
+        _lock_actor = job, LedgerLock.options(
+            name=LEDGER_LOCK_NAME,
+            namespace=RAY_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            # On the head: a lender that dies must not take the lock (and its restart) along.
+            resources={"node:__internal_head__": 0.001},
         ).remote()
-    return _lock_actor
+    return _lock_actor[1]
 
 
 @contextlib.contextmanager

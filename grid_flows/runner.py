@@ -119,7 +119,7 @@ class GridFuture(PrefectRayFuture):
             except ray.exceptions.GetTimeoutError:
                 return
             except Exception as exc:
-                if is_lost_with_node(exc) and self._retried(ref, deadline):
+                if (is_lost_with_node(exc) or _is_cancelled(exc)) and self._retried(ref, deadline):
                     continue
                 result = run_coro_as_sync(exception_to_crashed_state(exc))
             if isinstance(result, State):
@@ -136,7 +136,7 @@ class GridFuture(PrefectRayFuture):
             try:
                 return super().result(timeout=remaining, raise_on_failure=raise_on_failure)
             except Exception as exc:
-                if is_lost_with_node(exc) and self._retried(ref, deadline):
+                if (is_lost_with_node(exc) or _is_cancelled(exc)) and self._retried(ref, deadline):
                     self._final_state = None
                     continue
                 raise
@@ -247,6 +247,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._task_env: dict = {}
         self._run_logger = None
         self._crashed_runs: list[tuple[UUID, str]] = []
+        self._stranded: set = set()
         self._grace_seconds = 30.0
 
     # -- prefect's TaskRunner contract -----------------------------------------------------
@@ -562,7 +563,10 @@ class BoostRayTaskRunner(RayTaskRunner):
             else:
                 self._node_used[flight.node] = self._node_used[flight.node].minus(flight.resources)
                 self._node_in_flight[flight.node] -= 1
-            if is_lost_with_node(result) and flight.kind is not PlacementKind.target and flight.item.attempts < 1:
+            stranded = ref in self._stranded
+            self._stranded.discard(ref)
+            lost = is_lost_with_node(result) or (stranded and _is_cancelled(result))
+            if lost and flight.kind is not PlacementKind.target and flight.item.attempts < 1:
                 self._retry_elsewhere(flight, result)
             else:
                 flight.item.future._finished.set()
@@ -585,6 +589,18 @@ class BoostRayTaskRunner(RayTaskRunner):
         heapq.heappush(self._queue, item)
         self._say(logging.WARNING, f"Task {item.task_name} was lost with {flight.node} ({type(error).__name__}); "
                                    "running it again elsewhere")
+
+    def _cancel_stranded(self, binding: _Binding) -> None:
+        """Tasks still waiting inside a removed or homeless group would wait forever: cancel
+        them, and _task_done runs them again elsewhere."""
+        import ray
+
+        with self._cond:
+            refs = [ref for ref, f in self._in_flight.items() if f.boost_id == binding.boost.id]
+            self._stranded.update(refs)
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=False)
 
     def _say(self, level: int, message: str) -> None:
         """Log to this module and, when known, to the flow run's log in the Prefect UI."""
@@ -614,7 +630,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                     try:
                         self._refresh(store)
                     except Exception as exc:  # keep placing on the last known view
-                        logger.debug("refresh failed: %s", exc)
+                        logger.warning("could not refresh boosts and node liveness: %s", exc)
 
     def _refresh(self, store) -> None:
         """Node liveness and the records of bound boosts: preempted, released elsewhere,
@@ -626,6 +642,12 @@ class BoostRayTaskRunner(RayTaskRunner):
         with self._cond:
             self._alive.update(alive)
             bindings = list(self._bindings.values())
+        if any(not b.usable for b in bindings):
+            groups = rc.grid_groups()
+            for binding in bindings:
+                group = groups.get(binding.boost.placement_group)
+                if not binding.usable and binding.count and (group is None or group.state != "CREATED"):
+                    self._cancel_stranded(binding)
         now = utcnow()
         for binding in bindings:
             b = binding.boost
@@ -688,6 +710,12 @@ def is_lost_with_node(error: Any) -> bool:
         (rex.NodeDiedError, rex.LocalRayletDiedError, rex.WorkerCrashedError, rex.TaskPlacementGroupRemoved,
          rex.ObjectLostError),
     )
+
+
+def _is_cancelled(error: Any) -> bool:
+    import ray.exceptions as rex
+
+    return isinstance(error, rex.TaskCancelledError)
 
 
 def _with_task_run_id(context: dict, task_run_id: UUID) -> dict:

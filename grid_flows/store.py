@@ -44,15 +44,17 @@ class ClusterNotConfigured(GridError):
     exit_code = 2
 
 
-_registered_types: set[str] = set()
+_registered_types: set[tuple] = set()
 
 
 def _register(block_cls: type) -> None:
-    # Registering a block type and schema costs several API calls: once per process.
-    slug = block_cls.get_block_type_slug()
-    if slug not in _registered_types:
+    # Registering a block type and schema costs several API calls: once per process and server.
+    from prefect.settings import PREFECT_API_URL
+
+    key = (PREFECT_API_URL.value(), block_cls.get_block_type_slug())
+    if key not in _registered_types:
         block_cls.register_type_and_schema()
-        _registered_types.add(slug)
+        _registered_types.add(key)
 
 
 class BoostStore:
