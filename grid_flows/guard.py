@@ -572,7 +572,9 @@ def throttle_actor(node: str, *, key: str | None = None):
     global _actor_class
     ray = _ensure_ray()
     name = throttle_actor_name(node, key)
-    cache_key = f"{ray.get_runtime_context().get_job_id()}/{name}"
+    from grid_flows.ray_cluster import connection_key
+
+    cache_key = f"{connection_key()}/{name}"
     with _handles_lock:
         handle = _handles.get(cache_key)
         if handle is not None:

@@ -56,7 +56,7 @@ class LedgerBusy(GridError):
 
 LEDGER_LOCK_NAME = "grid-ledger-lock"
 LEDGER_LOCK_TTL_SECONDS = 15.0
-_lock_actor: tuple[str, object] | None = None  # (Ray job id, handle): a new connection finds it anew
+_lock_actor: tuple[str, object] | None = None  # (connection_key(), handle): a new connection finds it anew
 
 
 def _ledger_lock_actor():
@@ -70,7 +70,7 @@ def _ledger_lock_actor():
     import ray
 
     global _lock_actor
-    job = ray.get_runtime_context().get_job_id()
+    job = connection_key()
     if _lock_actor is None or _lock_actor[0] != job:
 
         @ray.remote(num_cpus=0, max_restarts=-1)
@@ -99,6 +99,14 @@ def _ledger_lock_actor():
             resources={"node:__internal_head__": 0.001},
         ).remote()
     return _lock_actor[1]
+
+
+def connection_key() -> str:
+    """Names this process's current Ray connection; job ids alone repeat across clusters."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return f"{ctx.gcs_address}/{ctx.get_job_id()}"
 
 
 @contextlib.contextmanager

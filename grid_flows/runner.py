@@ -248,6 +248,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._run_logger = None
         self._crashed_runs: list[tuple[UUID, str]] = []
         self._stranded: set = set()
+        self._node_specs: dict = {}
         self._grace_seconds = 30.0
 
     # -- prefect's TaskRunner contract -----------------------------------------------------
@@ -298,7 +299,7 @@ class BoostRayTaskRunner(RayTaskRunner):
             self.init_kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(worker_env)
             self._task_env = {}
         super().__enter__()
-        self._remote_fn = ray.remote(self._run_prefect_task)
+        self._remote_fn = ray.remote(_run_guarded_task)
         self._load_cluster()
         for boost_id in self.boost_ids:
             from grid_flows.store import BoostStore
@@ -348,7 +349,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         future = GridFuture(task_run_id=task_run_id)
         upstream = _futures_in(parameters) + [f for f in (wait_for or []) if isinstance(f, GridFuture)]
 
-        def submit_to_ray(options: dict, run_id: UUID, run_context: dict) -> Any:
+        def submit_to_ray(options: dict, run_id: UUID, run_context: dict, guard: Any) -> Any:
             params, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
             return (
                 self._remote_fn.options(name=task.name, **{**self._task_env, **remote_options, **options})
@@ -360,6 +361,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                     wait_for=wait_for,
                     dependencies=dependencies,
                     context=run_context,
+                    grid_guard=guard,
                 )
             )
 
@@ -445,6 +447,7 @@ class BoostRayTaskRunner(RayTaskRunner):
             self.allow_offload = bool(spec and spec.resource_sharing.enabled)
         if spec is not None:
             self._grace_seconds = spec.resource_sharing.grace_seconds
+            self._node_specs = {n.name: n for n in spec.nodes}
         self._sharing_mode = spec.resource_sharing.mode if spec else SharingMode.share_and_offload
         for name, info in nodes.items():
             self._alive[name] = info.alive
@@ -515,8 +518,10 @@ class BoostRayTaskRunner(RayTaskRunner):
 
     def _dispatch(self, item: _Queued, placement: Placement, need: Resources) -> None:
         options = self._ray_options(placement, need)
-        ref = item.submit(options, item.future.task_run_id, item.context)
         node = placement.node or self.target
+        node_spec = self._node_specs.get(node)
+        guard = (node_spec, need.gpu) if node_spec is not None else None  # the node's resource mode
+        ref = item.submit(options, item.future.task_run_id, item.context, guard)
         self._in_flight[ref] = _InFlight(item, placement.kind, node, placement.boost_id, need)
         if placement.kind is PlacementKind.boost:
             binding = self._bindings[placement.boost_id]
@@ -699,6 +704,20 @@ class BoostRayTaskRunner(RayTaskRunner):
 def _rebuild_runner(cls, address, strategy, target, boost_ids, allow_offload, init_kwargs):
     return cls(address=address, strategy=strategy, target=target, boost_ids=boost_ids,
                allow_offload=allow_offload, init_kwargs=init_kwargs)
+
+
+def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any) -> Any:
+    """Runs in the Ray worker: apply the node's resource mode, then prefect-ray's task body.
+
+    ``grid_guard`` is (NodeSpec, GPUs needed): priority is lowered as the mode says, and a
+    GPU task waits for the node's throttle and its VRAM cap before it starts (guard.py).
+    """
+    if grid_guard is not None:
+        from grid_flows.guard import guard_task
+
+        node, need_gpu = grid_guard
+        guard_task(node, need_gpu, 0)
+    return RayTaskRunner._run_prefect_task(*upstream_refs, **kwargs)
 
 
 def is_lost_with_node(error: Any) -> bool:

@@ -224,3 +224,32 @@ def test_placements_artifact_counts_every_task(grid):
     assert sum(r["Tasks"] for r in rows) == 5
     assert {r["Placement"] for r in rows} == {"target"}
     assert "local_first" in artifact.description
+
+
+@task
+def my_priority(i: int) -> dict:
+    import psutil
+
+    me = psutil.Process()
+    return {"i": i, "node_id": ray.get_runtime_context().get_node_id(), "nice": me.nice(),
+            "ioclass": int(me.ionice().ioclass)}
+
+
+def test_tasks_run_under_their_nodes_resource_mode(grid):
+    import psutil
+
+    @boosted(cpu=2, source="gpu1", duration="5m")
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def moded() -> list[dict]:
+        return [f.result(timeout=120) for f in my_priority.map(range(6))]
+
+    rows = moded()
+    names = _names()
+    on_lender = [r for r in rows if names[r["node_id"]] == "gpu1"]
+    assert on_lender, "no task ran on the lender"
+    for row in on_lender:  # gpu1 is a conservative desktop: nice 10 (Ray's workers start at 15), ionice idle
+        assert row["nice"] >= 10
+        assert row["ioclass"] == int(psutil.IOPRIO_CLASS_IDLE)
+    for row in rows:
+        if names[row["node_id"]] == "gpu-master":  # aggressive: left as Ray started it
+            assert row["ioclass"] != int(psutil.IOPRIO_CLASS_IDLE)
