@@ -69,16 +69,21 @@ def _number(value: float | str, what: str) -> float:
         raise InvalidRequest(str(exc)) from None
 
 
-def parse_boost_duration(value: str | float | None, spec: ClusterSpec) -> float:
-    sharing = spec.resource_sharing
-    if value is None:
-        return sharing.default_boost_duration_seconds
+def _positive_duration(value: str | float) -> float:
     try:
         seconds = parse_duration(value)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     if seconds <= 0:
         raise InvalidRequest(f"duration must be greater than zero, got {value!r}")
+    return seconds
+
+
+def parse_boost_duration(value: str | float | None, spec: ClusterSpec) -> float:
+    sharing = spec.resource_sharing
+    if value is None:
+        return sharing.default_boost_duration_seconds
+    seconds = _positive_duration(value)
     if seconds > sharing.max_boost_duration_seconds:
         raise InvalidRequest(
             f"duration {format_duration(seconds)} is longer than the limit of "
@@ -323,12 +328,7 @@ def list_boosts(target: str | None = None, include_ended: bool = False) -> list[
 
 def extend(boost_id: str, duration: str | float) -> Boost:
     """Add ``duration`` to an active boost, within the cluster's maximum boost length."""
-    try:
-        seconds = parse_duration(duration)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
-    if seconds <= 0:
-        raise InvalidRequest(f"duration must be greater than zero, got {duration!r}")
+    seconds = _positive_duration(duration)
     with BoostStore() as store:
         spec = store.load_cluster()
         limit = spec.resource_sharing.max_boost_duration_seconds
