@@ -18,11 +18,14 @@ from __future__ import annotations
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from grid_flows.flows.lifecycle import expire_boosts, reconcile_boosts
+from grid_flows.flows.rebalance import cluster_status_snapshot, rebalance
 
-# name -> (flow, interval seconds). Rebalance and status snapshots join when their flows exist.
+# name -> (flow, interval seconds).
 SCHEDULES = {
     "grid-expire": (expire_boosts, 30),
     "grid-reconcile": (reconcile_boosts, 300),
+    "grid-rebalance": (rebalance, 30),
+    "grid-cluster-status": (cluster_status_snapshot, 60),
 }
 
 
