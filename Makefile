@@ -19,8 +19,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
 unit: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 clean:
 	rm -rf $(VENV) .demo
+
+# Real end-to-end run on this machine (PostgreSQL, `prefect server start`, `ray start` x3,
+# work pool + worker, browser check of the UI); needs root for apt-get and PostgreSQL.
+.PHONY: e2e
+e2e: $(STAMP)
+	$(PY) -c 'import playwright' 2>/dev/null || $(PY) -m pip install --quiet playwright
+	bash scripts/e2e-real.sh
