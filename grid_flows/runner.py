@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import json
 import itertools
 import logging
 import threading
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -682,8 +682,6 @@ class BoostRayTaskRunner(RayTaskRunner):
     def _publish_placements(self) -> None:
         if self._flow_run_id is None or not self._counts:
             return
-        from prefect.artifacts import create_table_artifact
-
         rows = []
         for key, count in sorted(self._counts.items()):
             kind, node = key.split(":", 1)
@@ -694,9 +692,21 @@ class BoostRayTaskRunner(RayTaskRunner):
             + "\n".join(f"- {r}" for r in self._reasons)
         )
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # the flow run context is gone by __exit__
-                create_table_artifact(table=rows, key=f"grid-placements-{self._flow_run_id}", description=description)
+            # The flow run context is gone by __exit__: name the run explicitly, so the
+            # artifact shows on the flow run's page in the UI.
+            from prefect.client.orchestration import get_client
+            from prefect.client.schemas.actions import ArtifactCreate
+
+            with get_client(sync_client=True) as client:
+                client.create_artifact(
+                    ArtifactCreate(
+                        key=f"grid-placements-{self._flow_run_id}",
+                        type="table",
+                        data=json.dumps(rows),
+                        description=description,
+                        flow_run_id=self._flow_run_id,
+                    )
+                )
         except Exception as exc:
             logger.warning("could not publish the placements artifact: %s", exc)
 

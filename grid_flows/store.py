@@ -287,15 +287,16 @@ class BoostStore:
 def boost_row(boost: Boost, now: datetime) -> dict[str, str]:
     """One human-readable table row: units, no JSON."""
     r = boost.resources
+    none = "—"  # not "-": the Prefect UI renders a lone "-" as a list bullet
     return {
         "Boost": boost.id,
         "Source → Target": f"{boost.source} → {boost.target}",
-        "CPU": format_amount(r.cpu) if r.cpu else "-",
-        "GPU": format_amount(r.gpu) if r.gpu else "-",
-        "Memory": format_bytes(r.memory) if r.memory else "-",
+        "CPU": f"{format_amount(r.cpu)} CPU" if r.cpu else none,
+        "GPU": f"{format_amount(r.gpu)} GPU" if r.gpu else none,
+        "Memory": format_bytes(r.memory) if r.memory else none,
         "Priority": boost.priority.value,
         "State": boost.state.value,
-        "Time left": f"{format_duration(boost.seconds_left(now))} left" if not boost.state.ended else "-",
+        "Time left": f"{format_duration(boost.seconds_left(now))} left" if not boost.state.ended else none,
         "Expires at (UTC)": f"{boost.expires_at:%Y-%m-%d %H:%M:%S}",
     }
 

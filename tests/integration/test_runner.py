@@ -221,6 +221,7 @@ def test_placements_artifact_counts_every_task(grid):
     run_id = counted()
     artifact = Artifact.get(f"grid-placements-{run_id}")
     rows = json.loads(artifact.data)
+    assert str(artifact.flow_run_id) == run_id  # shown on the flow run's page in the UI
     assert sum(r["Tasks"] for r in rows) == 5
     assert {r["Placement"] for r in rows} == {"target"}
     assert "local_first" in artifact.description

@@ -1,0 +1,171 @@
+"""Checks for scripts/e2e-real.sh against the live Prefect server and Ray cluster.
+
+Each subcommand prints what it saw and exits non-zero with a one-line reason on failure.
+    ray-nodes NAME...                      every named grid node is alive in Ray
+    run-example --out FILE                 run the boosted-example deployment; check its tasks
+    released --example FILE --status FILE  the example's boost was released
+    expire-ran [--timeout S]               the grid-expire deployment has completed scheduled runs
+    active ID --status FILE                boost ID is listed active
+    released-id ID --status FILE           boost ID is released
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def ray_nodes(names: list[str]) -> None:
+    from grid_flows.ray_cluster import connect, grid_nodes
+
+    connect()
+    deadline = time.monotonic() + 30
+    while True:
+        nodes = grid_nodes()
+        missing = [n for n in names if n not in nodes or not nodes[n].alive]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    check(not missing, f"Ray nodes not alive: {', '.join(missing)}")
+    for n in names:
+        print(f"  ray node {n}: {nodes[n].node_id[:12]}, size {nodes[n].size.describe()}")
+
+
+async def _run_example(out: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.deployments import run_deployment
+
+    from grid_flows.ray_cluster import connect, grid_nodes
+
+    started = time.monotonic()
+    flow_run = await run_deployment("boosted-example/boosted-example", timeout=600, poll_interval=2)
+    print(f"  flow run {flow_run.name} ({flow_run.id}): {flow_run.state.type.value} "
+          f"after {time.monotonic() - started:.0f} s")
+    check(flow_run.state.is_completed(), f"boosted-example ended {flow_run.state.type.value}: {flow_run.state.message}")
+    rows = await flow_run.state.aresult()
+    check(isinstance(rows, list) and len(rows) == 6, f"expected 6 task reports, got {rows!r}")
+
+    # The boost this run held: the newest gpu1 -> gpu-master boost made by a flow.
+    from grid_flows.api import list_boosts
+
+    mine = [b for b in list_boosts(include_ended=True)
+            if b.source == "gpu1" and b.target == "gpu-master" and b.origin == "flow"]
+    check(bool(mine), "no gpu1 -> gpu-master boost made by a flow is recorded (did the flow run unboosted?)")
+    boost = max(mine, key=lambda b: b.created_at)
+    connect()
+    nodes = grid_nodes()
+    lender_id, head_id = nodes["gpu1"].node_id, nodes["gpu-master"].node_id
+    in_boost = [r for r in rows if r["placement_group_id"]]
+    for r in rows:
+        where = {lender_id: "gpu1", head_id: "gpu-master"}.get(r["node_id"], r["node_id"][:12])
+        print(f"  task {r['task']}: node {where}, placement group {r['placement_group_id'] or '-'}")
+    check(bool(in_boost), "no task ran inside a placement group (the boost was not used)")
+    check(all(r["placement_group_id"] == boost.placement_group_id for r in in_boost),
+          f"tasks ran in a placement group other than the boost's {boost.placement_group_id}")
+    check(all(r["node_id"] == lender_id for r in in_boost), "a task in the boost did not run on the lender gpu1")
+    check(all(r["node_id"] in (lender_id, head_id) for r in rows), "a task ran outside the head and the boost")
+    print(f"  {len(in_boost)} of 6 tasks ran inside boost {boost.id} on gpu1; the rest on gpu-master")
+
+    async with get_client() as client:
+        keys = {"grid-boosts", f"grid-placements-{flow_run.id}"}
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+        have = {a.key for a in found}
+        check(keys <= have, f"missing artifacts: {', '.join(sorted(keys - have))}")
+        print(f"  artifacts present: {', '.join(sorted(keys))}")
+    with open(out, "w") as fh:
+        json.dump({"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, "boost_id": boost.id,
+                   "boost": boost.model_dump(mode="json"), "rows": rows}, fh, indent=1)
+
+
+def released(example: str, status: str) -> None:
+    boost_id = json.load(open(example))["boost_id"]
+    released_id(boost_id, status)
+
+
+def _find(boost_id: str, status: str) -> dict:
+    boosts = json.load(open(status))
+    match = [b for b in boosts if b["id"] == boost_id]
+    check(len(match) == 1, f"boost {boost_id} is not listed by `grid boost status --json` ({len(boosts)} listed)")
+    return match[0]
+
+
+def released_id(boost_id: str, status: str) -> None:
+    b = _find(boost_id, status)
+    check(b["state"] == "released", f"boost {boost_id} is {b['state']}, expected released")
+    print(f"  boost {boost_id}: released ({b.get('reason') or 'no reason'})")
+
+
+def active(boost_id: str, status: str) -> None:
+    b = _find(boost_id, status)
+    check(b["state"] == "active", f"boost {boost_id} is {b['state']} after the restart, expected active")
+    print(f"  boost {boost_id}: still active after the server restart, {b['seconds_left']:.0f} s left")
+
+
+async def _expire_ran(timeout: float) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("grid-expire-boosts/grid-expire")
+        check(bool(deployment.schedules), "grid-expire has no schedule")
+        while True:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["grid-expire"])))
+            runs = [r for r in runs if r.deployment_id == deployment.id]
+            done = [r for r in runs if r.state and r.state.is_completed()]
+            if done or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(3)
+        states = sorted({r.state.type.value for r in runs if r.state})
+        print(f"  grid-expire: {len(runs)} runs ({', '.join(states)}), {len(done)} completed, "
+              f"schedule every {deployment.schedules[0].schedule.interval}")
+        check(bool(done), f"no completed grid-expire run within {timeout:.0f} s")
+        auto = [r for r in done if r.auto_scheduled]
+        check(bool(auto), "grid-expire runs completed, but none was created by its schedule")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("ray-nodes"); p.add_argument("names", nargs="+")
+    p = sub.add_parser("run-example"); p.add_argument("--out", required=True)
+    p = sub.add_parser("released"); p.add_argument("--example", required=True); p.add_argument("--status", required=True)
+    p = sub.add_parser("expire-ran"); p.add_argument("--timeout", type=float, default=120)
+    for name in ("active", "released-id"):
+        p = sub.add_parser(name); p.add_argument("boost_id"); p.add_argument("--status", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "ray-nodes":
+            ray_nodes(args.names)
+        elif args.cmd == "run-example":
+            asyncio.run(_run_example(args.out))
+        elif args.cmd == "released":
+            released(args.example, args.status)
+        elif args.cmd == "expire-ran":
+            asyncio.run(_expire_ran(args.timeout))
+        elif args.cmd == "active":
+            active(args.boost_id, args.status)
+        elif args.cmd == "released-id":
+            released_id(args.boost_id, args.status)
+    except CheckFailed as exc:
+        print(f"CHECK FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
