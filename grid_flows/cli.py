@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from grid_flows.cli_cluster import cluster_app, sharing_app
 from grid_flows.models import Boost, GridError, InvalidRequest
 from grid_flows.units import format_amount, format_bytes, format_duration
 
@@ -35,6 +36,12 @@ app.add_typer(node_app, name="node")
 maintenance_app = typer.Typer(no_args_is_help=True, help="Run the scheduled maintenance flows.")
 app.add_typer(boost_app, name="boost")
 app.add_typer(maintenance_app, name="maintenance")
+from grid_flows.cli_offload import offload_app, node_limits  # noqa: E402
+
+app.add_typer(offload_app, name="offload")
+node_app.command("limits")(node_limits)
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(sharing_app, name="resource-sharing")
 
 # Full-width tables even when piped (Rich would assume 80 columns and truncate ids).
 out = Console(width=None if sys.stdout.isatty() else 160)
