@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,14 +27,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 # Each requester requests and releases in a loop until it is killed.
 _FORK_SERVER = textwrap.dedent(
     """
-    import os, random, signal, sys
+    import os, random, signal, sys, threading, time
     from grid_flows import NoCapacity, release_boost, request_boost
     from grid_flows import ray_cluster as rc
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed requesters are reaped by the kernel
+    server = os.getpid()
+
+    def die_with_server():  # a requester must never outlive the test's fork server
+        while os.getppid() == server:
+            time.sleep(0.2)
+        os._exit(1)
+
     for line in sys.stdin:
         if os.fork() == 0:
+            threading.Thread(target=die_with_server, daemon=True).start()
             rc.connect()
-            print(f"READY {os.getpid()}", flush=True)
+            os.write(1, f"READY {os.getpid()}\\n".encode())  # one write: lines of children never mix
             held = []
             while True:
                 if held and random.random() < 0.5:
@@ -76,20 +85,27 @@ def test_sigkill_at_random_points_of_request_and_release_leaves_nothing_behind(g
     server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], env=grid.env(), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     kills = 0
+    started: list[int] = []
     try:
         while kills < 32:
             server.stdin.write("fork\n" * 4)
             server.stdin.flush()
             pids = []
-            for _ in range(4):
-                line = server.stdout.readline().split()
-                assert line and line[0] == "READY", line
-                pids.append(int(line[1]))
+            while len(pids) < 4:
+                line = server.stdout.readline()
+                assert line, "the fork server stopped"
+                words = line.split()
+                if len(words) == 2 and words[0] == "READY":  # other output (Ray's, Prefect's) is skipped
+                    pids.append(int(words[1]))
+            started += pids
             for pid in pids:
                 time.sleep(rng.uniform(0.05, 0.6))  # a random point in the request/release loop
                 os.kill(pid, signal.SIGKILL)
                 kills += 1
     finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         server.kill()
         server.wait(timeout=30)
     reconcile(pending_timeout_seconds=0)  # every requester is dead: nothing is in flight

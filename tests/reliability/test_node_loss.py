@@ -18,14 +18,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
-def lossy_cluster(grid_session):
-    """A cluster of its own whose workers may die; Ray notices a dead node in under a second."""
+def lossy_cluster(grid):
+    """A cluster of its own whose workers may die; Ray notices a dead node in under a second.
+
+    It shares the session's Prefect server, so it starts from a clean ledger (``grid``):
+    records of the session cluster's boosts would otherwise look lost from this one.
+    """
     from tests.conftest import TEST_CLUSTER
 
     ray.shutdown()  # leave the session cluster for this test
     with rc.LocalCluster(parse_cluster(TEST_CLUSTER), fast_health_check=True) as cluster:
         yield cluster
-    rc.connect(grid_session.address)
+    rc.connect(grid.address)
 
 
 @task
@@ -71,7 +75,7 @@ def test_a_dead_lender_loses_its_boost_and_the_flow_finishes_on_the_target(lossy
     assert reconcile().changed is False  # the runner already made Ray and the record agree
 
 
-def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid_session):
+def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid):
     """A real `prefect server` on SQLite in tmp_path, stopped and started again under a live boost."""
     from grid_flows.local_prefect import local_prefect_server
     from grid_flows.store import BoostStore
@@ -79,7 +83,7 @@ def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid_session):
     home = tmp_path / "prefect"
     with local_prefect_server(home) as api_url:
         with BoostStore() as store:
-            store.save_cluster(grid_session.spec)
+            store.save_cluster(grid.spec)
         boost = request_boost("gpu-master", cpu=1, source="gpu2", duration="10m")
         port = int(api_url.rsplit(":", 1)[1].split("/")[0])
     assert boost.placement_group in rc.grid_groups()  # Ray kept the group while the server was down
