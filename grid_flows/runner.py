@@ -734,11 +734,16 @@ def is_lost_with_node(error: Any) -> bool:
     """Errors that mean the task's node or placement group went away, not that the task failed."""
     import ray.exceptions as rex
 
-    return isinstance(
+    if isinstance(
         error,
         (rex.NodeDiedError, rex.LocalRayletDiedError, rex.WorkerCrashedError, rex.TaskPlacementGroupRemoved,
          rex.ObjectLostError),
-    )
+    ):
+        return True
+    # A worker killed while its group is removed may die with SystemExit inside the task,
+    # which then surfaces wrapped (e.g. in a pydantic serialization error). The cost of
+    # also catching a task's own sys.exit() is one re-run.
+    return isinstance(error, rex.RayTaskError) and "SystemExit" in str(error)
 
 
 def _is_cancelled(error: Any) -> bool:
