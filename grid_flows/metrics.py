@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone  # noqa: F401  (used by the docstring examples)
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from prefect.blocks.core import Block

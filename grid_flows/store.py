@@ -20,7 +20,7 @@ import contextlib
 import logging
 import warnings
 from datetime import datetime
-from typing import Iterable, Iterator
+from typing import Iterable
 from uuid import UUID
 
 from prefect.client.orchestration import get_client

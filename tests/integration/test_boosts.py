@@ -122,7 +122,6 @@ def _events(boost_id: str) -> list[str]:
 
 
 def test_granted_and_released_events_are_emitted(grid):
-    from prefect.events.clients import get_events_client  # noqa: F401  (ensures events are on)
     from prefect.events.worker import EventsWorker
 
     boost = request_boost("gpu-master", cpu=1, source="gpu2")

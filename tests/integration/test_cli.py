@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from grid_flows import list_boosts
 from grid_flows import ray_cluster as rc
-from grid_flows.cli import main
 from grid_flows.store import BoostStore, ClusterNotConfigured
+from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parents[2]
-
-
-def grid_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `grid ARGS` in this process (same server and cluster); return code, stdout, stderr."""
-    argv = sys.argv
-    sys.argv = ["grid", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 BAD_REQUESTS = [

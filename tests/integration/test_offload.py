@@ -13,39 +13,13 @@ import psutil
 import pytest
 
 from grid_flows import ray_cluster as rc
-from grid_flows.cli import main
 from grid_flows.store import BoostStore
+from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 PY = sys.executable
 
 
-def grid_cli(capsys, *args: str) -> tuple[int, str, str]:
-    argv = sys.argv
-    sys.argv = ["grid", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, _without_logging_errors(captured.err)
-
-
-def _without_logging_errors(text: str) -> str:
-    """Drop `--- Logging error ---` reports: Prefect's console handler keeps the stderr of
-    the first test that logged (pytest's capture, closed since) and reports each write to
-    it. That is a test-harness artefact, not output of the command under test."""
-    kept, skipping = [], False
-    for line in text.splitlines(keepends=True):
-        if line.startswith("--- Logging error ---"):
-            skipping = True
-        elif skipping and line.startswith("Arguments: "):
-            skipping = False
-            continue
-        if not skipping:
-            kept.append(line)
-    return "".join(kept)
 
 
 def run_of(marker: str, wait_for: str | None = None, timeout: float = 30.0):

@@ -7,7 +7,6 @@ StaticSource set with ``set_metrics_source``; the last test runs the real probe.
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 
 import pytest
@@ -25,6 +24,7 @@ from grid_flows.flows.rebalance import (
 from grid_flows.metrics import NO_GPU, RayProbeSource, StaticSource
 from grid_flows.models import BoostState, InvalidRequest, utcnow
 from grid_flows.store import BoostStore
+from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 NODES = ("gpu-master", "gpu1", "gpu2")
@@ -185,18 +185,6 @@ def test_bad_parameters_fail_with_a_clear_message(metrics, kwargs, message):
         rebalance(**kwargs)
 
 
-def grid_cli(capsys, *args: str) -> tuple[int, str, str]:
-    from grid_flows.cli import main
-
-    argv = sys.argv
-    sys.argv = ["grid", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_cluster_and_sharing_status_commands(metrics, run, capsys):

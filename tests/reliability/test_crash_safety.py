@@ -69,7 +69,6 @@ def _assert_consistent(grid) -> None:
     groups = rc.grid_groups()
     assert all(b.state is BoostState.active for b in live), [b.state for b in live]
     assert sorted(groups) == sorted(b.placement_group for b in live)
-    nodes = rc.grid_nodes()
     for lender, share in _lenders(grid).items():
         held = Resources()
         for b in live:
