@@ -51,16 +51,9 @@ def grid() -> Iterator[tuple[object, str]]:
 
 
 def _clean() -> None:
-    from grid_flows import ray_cluster as rc
-    from grid_flows.boosts import release
-    from grid_flows.store import BoostStore
+    from grid_flows.boosts import release_everything
 
-    with BoostStore() as store:
-        for b in store.list():
-            if not b.state.ended:
-                release(b.id, reason="bench cleanup")
-    for g in rc.grid_groups().values():
-        rc.remove_group(g.group_id)
+    release_everything("bench cleanup")
 
 
 def _raw_group(name_prefix: str, source: str, resources, timeout: float = 10.0) -> tuple[str, float]:

@@ -416,3 +416,12 @@ def _end_if_still(store: BoostStore, seen: Boost, event: Event, reason: str, cha
         return
     if ended.reason == reason:  # this pass ended it (not somebody else meanwhile)
         changed.append(seen.id)
+
+
+def release_everything(reason: str) -> None:
+    """Release every live boost and remove every grid placement group (tests, benchmarks)."""
+    with BoostStore() as store:
+        for boost in store.list():
+            release(boost.id, reason=reason)
+    for group in rc.grid_groups().values():
+        rc.remove_group(group.group_id)

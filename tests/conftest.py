@@ -100,13 +100,6 @@ def grid(grid_session):
 
 
 def _clean_ledger() -> None:
-    from grid_flows import ray_cluster as rc
-    from grid_flows.boosts import release
-    from grid_flows.store import BoostStore
+    from grid_flows.boosts import release_everything
 
-    with BoostStore() as store:
-        for boost in store.list():
-            if not boost.state.ended:
-                release(boost.id, reason="test cleanup")
-    for group in rc.grid_groups().values():
-        rc.remove_group(group.group_id)
+    release_everything("test cleanup")
