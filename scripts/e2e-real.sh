@@ -152,7 +152,10 @@ export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_enable_worker_presta
 export RAY_TMPDIR="$WORK/r" && mkdir -p "$RAY_TMPDIR/ray"
 export RAY_ADDRESS="127.0.0.1:$RAY_PORT"
 OBJECT_STORE=$((78 * 1024 * 1024))
-WPORT=$(( 20000 + (RANDOM % 400) * 100 ))   # worker port ranges, 100 per node
+# Worker port ranges (100 per node) sit below the kernel's ephemeral range, where free_ports
+# draws every other port, so the two can never collide.
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+WPORT=$(( 10000 + (RANDOM % ((EPHEMERAL_LOW - 10400) / 100)) * 100 ))
 start_ray_node() {  # start_ray_node NAME INDEX
     local name="$1" i="$2" tmp="$WORK/n$2" role_args ports
     mkdir -p "$tmp"
