@@ -36,9 +36,26 @@ NOTES = """
    50, not the issue's 500:** on this shared 2-core machine a Prefect task run costs ~0.3-0.5 s of
    API work (2-3 tasks/s for both runners), so N=500 x 2 runners x 5 repetitions alone would take
    ~40 minutes. Set `GRID_BENCH_RUNNER_TASKS=500` to run the issue's size.
-7. **Priority isolation**: not run (time budget). Plan: a boosted flow of 20 one-second tasks on
-   gpu1's lent capacity, alone and while a second flow floods gpu1 with plain prefect-ray tasks; the
-   same pair with both flows on plain prefect-ray; goal boosted makespan <= 1.15x its idle makespan.
+7. **Priority isolation** (`benchmarks/isolation.py`): a flow of 20 one-second tasks that may run
+   only inside a high-priority 2-CPU boost on gpu1 (granted before the flood; node_specific, no
+   offload), alone and while a competing Prefect flow in its own process floods gpu1 with plain
+   prefect-ray tasks (batches of 8 one-second tasks, `num_cpus=1`, pinned to gpu1 by label, for as
+   long as the measurement runs; it is started, paused and resumed through files, and the timed run
+   starts only once flood tasks are running). Baseline: the same 20 tasks pinned to gpu1 with plain
+   prefect-ray, alone and under the same flood. 5 repetitions, alternating order. The flood's tasks
+   sleep: every node of this local cluster shares the same 2 cores, and the question is whether the
+   lender's Ray capacity stays reserved, not whether 2 cores can do 3 nodes' work.
+
+### Expiry latency with the maintenance flows served (issue 4; not part of `make bench`)
+
+Command: `.venv/bin/python -m benchmarks.expiry_with_maintenance` (a local Prefect server, the test
+cluster, `grid maintenance serve` with its real 30 s `grid-expire` interval; 4 boosts of 5, 15, 25 and
+35 s; nothing else touches the ledger and no runner holds them). Run 2026-11-23 16:52 UTC on this
+machine: `expires_at` -> record ended 26.9, 16.0, 5.6, 25.6 s; -> placement group gone 27.1, 16.2,
+5.8, 25.8 s (median 21.0 s, max 27.1 s). As expected it is bounded by the schedule interval (30 s)
+plus a flow run's start-up, and uniform in between. Without the flow the same boosts end on the next
+ledger touch (row 4b) or, when a runner holds them, within the grace after expiry (the runner ends
+them itself; `tests/integration/test_lifecycle.py` asserts < grace + 1.5 s).
 
 ## Findings
 

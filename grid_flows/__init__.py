@@ -14,6 +14,7 @@ from grid_flows.cluster_file import load_cluster_file
 from grid_flows.models import (
     Boost,
     BoostState,
+    BoostsDisabled,
     ClusterSpec,
     GridError,
     InvalidRequest,
@@ -32,6 +33,7 @@ __all__ = [
     "requires",
     "Boost",
     "BoostState",
+    "BoostsDisabled",
     "ClusterSpec",
     "GridError",
     "InvalidRequest",

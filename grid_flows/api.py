@@ -84,12 +84,17 @@ def _current_runner():
 def _request_with_policy(target, on_unavailable: str, wait: float, logger, **request_args) -> Boost | None:
     import time
 
-    from grid_flows.models import NoCapacity
+    from grid_flows.models import BoostsDisabled, NoCapacity
 
     deadline = time.monotonic() + (wait if on_unavailable == "wait" else 0)
     while True:
         try:
             return _boosts.request(target, **request_args)
+        except BoostsDisabled as exc:  # waiting cannot help; "run" still runs (tasks may offload)
+            if on_unavailable != "run":
+                raise
+            logger.warning("No boost: %s; running unboosted on %s", exc, target)
+            return None
         except NoCapacity as exc:
             if on_unavailable == "fail":
                 raise

@@ -26,6 +26,7 @@ from grid_flows.ledger import Event
 from grid_flows.models import (
     Boost,
     BoostState,
+    BoostsDisabled,
     ClusterSpec,
     GridError,
     InvalidRequest,
@@ -33,6 +34,7 @@ from grid_flows.models import (
     NodeSpec,
     Priority,
     Resources,
+    SharingMode,
     utcnow,
 )
 from grid_flows.settings import GridSettings
@@ -92,6 +94,18 @@ def parse_boost_duration(value: str | float | None, spec: ClusterSpec) -> float:
     return seconds
 
 
+def check_boosts_allowed(spec: ClusterSpec) -> None:
+    """Raise BoostsDisabled (an InvalidRequest) when the cluster's sharing settings grant no boosts."""
+    sharing = spec.resource_sharing
+    if not sharing.enabled:
+        raise BoostsDisabled("resource_sharing.enabled is false in the cluster: no node lends capacity, "
+                             "so no boost can be granted (set it to true and run `grid blocks apply`)")
+    if sharing.mode is SharingMode.offload_only:
+        raise BoostsDisabled("resource_sharing.mode is offload_only: boosts are off, and tasks go to lenders "
+                             "within their share instead; set the mode to share_and_offload or "
+                             "dynamic_balancing to borrow capacity")
+
+
 def request(
     target: str,
     *,
@@ -111,6 +125,7 @@ def request(
     prio = parse_priority(priority)
     with BoostStore() as store:
         spec = store.load_cluster()
+        check_boosts_allowed(spec)
         seconds = parse_boost_duration(duration, spec)
         spec.node(target)
         if source is not None:

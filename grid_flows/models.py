@@ -413,6 +413,10 @@ class UnknownBoost(InvalidRequest):
     pass
 
 
+class BoostsDisabled(InvalidRequest):
+    """The cluster's sharing settings grant no boosts (sharing disabled, or mode offload_only)."""
+
+
 class NoCapacity(GridError):
     """No node can lend what was asked for right now."""
 

@@ -159,6 +159,27 @@ def _busy_streak(samples: list[NodeSample], thresholds: Thresholds) -> Optional[
     return f"above high in the last {BUSY_SAMPLES} samples ({', '.join(_busy(last[-1], thresholds))})"
 
 
+def busy_reason(spec: ClusterSpec, history: MetricsHistory, node: str, now: datetime) -> str:
+    """Why ``node`` counts as busy for ``dynamic_balancing`` (its last samples above a
+    ``high`` threshold), or "" when it does not or its samples are stale.
+
+    Example:
+        >>> from datetime import datetime, timezone
+        >>> spec = ClusterSpec.model_validate({"nodes": [{"name": "head", "role": "head"}]})
+        >>> t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+        >>> history = MetricsHistory()
+        >>> for second in (0, 10):
+        ...     history.add(NodeSample("head", t0 + timedelta(seconds=second), 95, 20, 0))
+        >>> busy_reason(spec, history, "head", t0 + timedelta(seconds=10))
+        'above high in the last 2 samples (cpu 0.95 > 0.80)'
+        >>> busy_reason(spec, history, "head", t0 + timedelta(minutes=5))  # stale: no say
+        ''
+    """
+    sharing = spec.resource_sharing
+    view = _View(history, now, timedelta(seconds=STALE_INTERVALS * sharing.monitoring_interval_seconds))
+    return _busy_streak(view.samples(node), sharing.thresholds) or ""
+
+
 def _reclaims(view: _View, thresholds: Thresholds, active: list[Boost], notes: list[str]) -> list[Decision]:
     """Protect lenders: a busy lender gets back every non-critical boost it lent.
 

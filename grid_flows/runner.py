@@ -6,6 +6,17 @@ on the flow's own node (the target) when it has room, inside one of the flow's b
 lendable share. When nothing has room the task waits in this runner's own queue, not in
 Ray, and is dispatched as capacity frees, after the tasks it depends on were dispatched.
 
+Lent capacity is used when the target is saturated, as the cluster's sharing mode says:
+
+- ``share_and_offload``: queued tasks go into boosts granted to the target node (by the
+  rebalance flow; picked up within a second of being granted or activated), then within
+  other nodes' lendable share.
+- ``dynamic_balancing``: the same, and the target also counts as saturated while the
+  metrics history shows it above a ``high`` threshold (work moves off a node that is busy
+  with something else; it still runs there when nothing else has room).
+- ``offload_only``: no boosts; tasks go to lenders within their share, the head's own
+  capacity is never extended.
+
 Example:
     ```python
     from prefect import flow, task
@@ -48,7 +59,7 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
 
 from grid_flows import ray_cluster as rc
-from grid_flows.models import NODE_LABEL, Boost, Priority, Resources, SharingMode, utcnow
+from grid_flows.models import NODE_LABEL, Boost, BoostState, Priority, Resources, SharingMode, utcnow
 from grid_flows.requirements import Need, current_need
 from grid_flows.scheduler import (
     BoostView,
@@ -165,6 +176,7 @@ class _Binding:
     usable: bool = True
     why_unusable: str = ""
     ended_here: bool = False  # this runner already ended the boost (expiry)
+    shared: bool = False  # granted to the target node by the rebalancer, adopted by this runner
 
 
 @dataclass(order=True)
@@ -250,6 +262,11 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._stranded: set = set()
         self._node_specs: dict = {}
         self._grace_seconds = 30.0
+        self._spec = None
+        self._sharing_mode = SharingMode.share_and_offload
+        self._adopt_node_boosts = False
+        self._target_busy = ""
+        self._busy_checked_at = float("-inf")
 
     # -- prefect's TaskRunner contract -----------------------------------------------------
 
@@ -306,6 +323,7 @@ class BoostRayTaskRunner(RayTaskRunner):
 
             with BoostStore() as store:
                 self.attach_boost(store.get(boost_id))
+        self._first_refresh()
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="grid-dispatcher", daemon=True)
         self._dispatcher.start()
         return self
@@ -376,14 +394,53 @@ class BoostRayTaskRunner(RayTaskRunner):
 
     # -- boosts ----------------------------------------------------------------------------
 
-    def attach_boost(self, boost: Boost) -> None:
-        """Route tasks into ``boost`` from now on; tasks already waiting move into it at once."""
+    def attach_boost(self, boost: Boost, *, shared: bool = False) -> None:
+        """Route tasks into ``boost`` from now on; tasks already waiting move into it at once.
+
+        ``shared``: the boost was granted to the target node, not to this flow; it is used
+        only while the target is saturated, and this runner never releases it.
+        """
         handle = rc.group_handle(boost.placement_group_id)
         with self._cond:
-            self._bindings[boost.id] = _Binding(boost=boost, handle=handle)
+            self._bindings[boost.id] = _Binding(boost=boost, handle=handle, shared=shared)
             self._dispatch_ready()
             self._cond.notify_all()
+        if shared:
+            self._say(logging.INFO, f"Boost {boost.short_id} ({boost.resources.describe()} from {boost.source}) "
+                                    f"was granted to {boost.target}; queued tasks may run in it while "
+                                    f"{boost.target} is saturated")
         logger.info("Routing tasks into boost %s on %s (%s)", boost.short_id, boost.source, boost.resources.describe())
+
+    def _adopt_new_node_boosts(self, live: Iterable[Boost]) -> None:
+        """Attach active boosts granted to the target node by the rebalancer (sharing modes)."""
+        from grid_flows.policy import REBALANCE_ORIGIN
+
+        with self._cond:
+            known = set(self._bindings)
+        for boost in live:
+            if (boost.id not in known and boost.target == self.target and boost.origin == REBALANCE_ORIGIN
+                    and boost.state is BoostState.active and boost.placement_group_id
+                    and utcnow() < boost.expires_at):
+                self.attach_boost(boost, shared=True)
+
+    def _check_target_pressure(self) -> None:
+        """dynamic_balancing: is the target busy by the metrics history? At most once per
+        monitoring interval; no history or stale samples mean "not busy"."""
+        sharing = self._spec.resource_sharing
+        if time.monotonic() - self._busy_checked_at < sharing.monitoring_interval_seconds:
+            return
+        self._busy_checked_at = time.monotonic()
+        from grid_flows.metrics import load_history
+        from grid_flows.policy import busy_reason
+
+        now = utcnow()
+        busy = busy_reason(self._spec, load_history(now=now), self.target, now)
+        if busy != self._target_busy:
+            with self._cond:
+                self._target_busy = busy
+                self._cond.notify_all()
+            self._say(logging.INFO, f"Target {self.target} is busy ({busy}): tasks move to lent capacity first"
+                      if busy else f"Target {self.target} is no longer busy: tasks run there first again")
 
     def stop_routing(self, boost_id: str, why: str, level: int = logging.WARNING) -> None:
         """No new task goes into the boost; tasks running in it continue."""
@@ -448,7 +505,10 @@ class BoostRayTaskRunner(RayTaskRunner):
         if spec is not None:
             self._grace_seconds = spec.resource_sharing.grace_seconds
             self._node_specs = {n.name: n for n in spec.nodes}
-        self._sharing_mode = spec.resource_sharing.mode if spec else SharingMode.share_and_offload
+        self._spec = spec
+        sharing = spec.resource_sharing if spec else None
+        self._sharing_mode = sharing.mode if sharing else SharingMode.share_and_offload
+        self._adopt_node_boosts = bool(sharing and sharing.enabled and sharing.mode is not SharingMode.offload_only)
         for name, info in nodes.items():
             self._alive[name] = info.alive
             if name == self.target:
@@ -474,7 +534,8 @@ class BoostRayTaskRunner(RayTaskRunner):
                 lendable_free=free if name != self.target else Resources(),
                 in_flight=self._node_in_flight[name],
             )
-        return ClusterView(target=self.target, nodes=nodes, allow_offload=bool(self.allow_offload))
+        return ClusterView(target=self.target, nodes=nodes, allow_offload=bool(self.allow_offload),
+                           lent_when_target_full=True, target_busy=self._target_busy)
 
     def _boost_views(self) -> list[BoostView]:
         now = utcnow()
@@ -491,6 +552,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                     free=b.boost.resources.minus(b.in_flight),
                     usable=b.usable,
                     in_flight=b.count,
+                    shared=b.shared,
                 )
             )
         return views
@@ -637,6 +699,19 @@ class BoostRayTaskRunner(RayTaskRunner):
                     except Exception as exc:  # keep placing on the last known view
                         logger.warning("could not refresh boosts and node liveness: %s", exc)
 
+    def _first_refresh(self) -> None:
+        """Node boosts and target pressure as they are at the start, so the first tasks see them."""
+        from grid_flows.store import BoostStore
+
+        try:
+            if self._adopt_node_boosts:
+                with BoostStore() as store:
+                    self._adopt_new_node_boosts(store.list())
+            if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
+                self._check_target_pressure()
+        except Exception as exc:  # placing still works without them; the refresh retries
+            logger.warning("could not read node boosts or target pressure: %s", exc)
+
     def _refresh(self, store) -> None:
         """Node liveness and the records of bound boosts: preempted, released elsewhere,
         extended, lender down, or expired (then this runner ends it as soon as it is idle)."""
@@ -646,6 +721,11 @@ class BoostRayTaskRunner(RayTaskRunner):
         alive = {name: info.alive for name, info in rc.grid_nodes().items()}
         with self._cond:
             self._alive.update(alive)
+        if self._adopt_node_boosts:
+            self._adopt_new_node_boosts(store.list())
+        if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
+            self._check_target_pressure()
+        with self._cond:
             bindings = list(self._bindings.values())
         if any(not b.usable for b in bindings):
             groups = rc.grid_groups()
@@ -664,7 +744,11 @@ class BoostRayTaskRunner(RayTaskRunner):
             record = store.get(b.id)
             if record.state.ended:
                 if not binding.ended_here:
-                    self.stop_routing(b.id, f"it was {record.state.value} ({record.reason or 'no reason given'})")
+                    self.stop_routing(b.id, f"it was {record.state.value} ({record.reason or 'no reason given'})",
+                                      level=logging.INFO if binding.shared else logging.WARNING)
+                if binding.shared and binding.count == 0:
+                    with self._cond:  # the node's boost, not ours: forget it once nothing runs there
+                        self._bindings.pop(b.id, None)
             elif record.expires_at != b.expires_at:
                 with self._cond:
                     binding.boost = record

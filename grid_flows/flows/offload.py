@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Union
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled
 
-from grid_flows.models import GridError, InvalidRequest, NODE_LABEL, NoCapacity, Resources
+from grid_flows.models import GridError, InvalidRequest, NODE_LABEL, NoCapacity, Resources, SharingMode
 
 OUTPUT_LOGGER = "prefect.flow_runs.offload"
 USE_BOOST = ("auto", "always", "never")
@@ -193,8 +193,10 @@ def _offload(
 
     boost = None
     kind, where, reason = placement.kind, placement.node, placement.reason
-    wants_boost = (kind is PlacementKind.queue and use_boost == "auto") or (
-        use_boost == "always" and kind is not PlacementKind.target
+    sharing = spec.resource_sharing
+    boosts_off = not sharing.enabled or sharing.mode is SharingMode.offload_only
+    wants_boost = (kind is PlacementKind.queue and use_boost == "auto" and not boosts_off) or (
+        use_boost == "always" and kind is not PlacementKind.target  # refused with the reason when boosts are off
     )
     if wants_boost:
         source = where if kind is PlacementKind.offload else (node if node and node != target else None)
@@ -208,7 +210,11 @@ def _offload(
         reason = f"boost {boost.short_id} from {boost.source} ({boost.priority.value}); {placement.reason}"
         log.info("using boost %s: %s -> %s, %s", boost.id, boost.source, boost.target, boost.resources.describe())
     elif kind is PlacementKind.queue:
-        raise NoCapacity(f"cannot run {resources.describe()} anywhere now: {placement.reason}")
+        why_no_boost = ""
+        if boosts_off:
+            off = "enabled is false" if not sharing.enabled else f"mode is {sharing.mode.value}"
+            why_no_boost = f"; and no boost, because resource_sharing.{off}"
+        raise NoCapacity(f"cannot run {resources.describe()} anywhere now: {placement.reason}{why_no_boost}")
 
     node_spec = spec.node(where)
     limits = limits_for(node_spec)

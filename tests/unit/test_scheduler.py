@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import doctest
+import random
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from grid_flows.scheduler import (
     BoostView,
     ClusterView,
     NodeView,
+    OffloadIndex,
     Placement,
     PlacementKind,
     Pressure,
@@ -342,3 +344,155 @@ def test_docstring_examples():
     result = doctest.testmod(scheduler)
     assert result.attempted >= 5
     assert result.failed == 0
+
+
+# --- lent capacity only when the target is saturated (the runner's rule in every sharing mode):
+# (id, requirement, view flags, boosts, strategy, kind, node, boost id, words in the reason)
+SHARED = boost("5aaaaaaaaa", "gpu1", R(2))
+SHARED = BoostView(id=SHARED.id, source=SHARED.source, free=SHARED.free, shared=True)
+LENT_RULE_CASES = [
+    ("spread keeps a fitting task on the target", need(1), {}, [], "spread", T, "head", None, "target head has"),
+    ("load_balanced keeps it too", need(1), {}, [], "load_balanced", T, "head", None, "target head has"),
+    ("best_fit ignores a tighter offload", need(2), {}, [], "best_fit", T, "head", None, "target head has"),
+    ("own boost still competes with the target", need(2), {}, [B1], "best_fit", T, "head", None, "tightest fit"),
+    ("shared boost unused while the target fits", need(1), {}, [SHARED], "local_first", T, "head", None, ""),
+    ("shared boost used once the target is full", need(3), {}, [SHARED], "local_first", O, "gpu2", None,
+     "lacks 3 CPU"),
+    ("shared boost before offload", need(2), {"head_free": 0}, [SHARED], "local_first", B, "gpu1", "5aaaaaaaaa",
+     "target head is full"),
+    ("saturated target offloads", need(3), {}, [], "spread", O, "gpu2", None, "target head lacks 3 CPU"),
+    ("busy target offloads a fitting task", need(1), {"busy": "cpu 0.95 > 0.80"}, [], "local_first", O, "gpu1",
+     None, "target head is busy (cpu 0.95 > 0.80)"),
+    ("busy target: shared boost first", need(1), {"busy": "cpu 0.95 > 0.80"}, [SHARED], "local_first", B, "gpu1",
+     "5aaaaaaaaa", "is busy"),
+    ("busy target still runs what nothing else fits", need(2), {"busy": "cpu 0.95 > 0.80", "lend": 1}, [],
+     "local_first", T, "head", None, "busy (cpu 0.95 > 0.80) but nothing else fits"),
+    ("busy target without offload keeps the task", need(1), {"busy": "mem", "offload": False}, [], "spread",
+     T, "head", None, "nothing else fits"),
+    ("node_specific ignores busy", need(1, node="head"), {"busy": "cpu"}, [], "node_specific", T, "head", None, ""),
+]
+
+
+@pytest.mark.parametrize(
+    "requirement, flags, boosts, strategy, kind, node_name, boost_id, words",
+    [pytest.param(*case[1:], id=case[0]) for case in LENT_RULE_CASES],
+)
+def test_lent_capacity_only_when_the_target_is_saturated(requirement, flags, boosts, strategy, kind, node_name,
+                                                          boost_id, words):
+    nodes = {
+        "head": node("head", free=R(flags.get("head_free", 2))),
+        "gpu1": node("gpu1", lend=R(flags.get("lend", 1))),
+        "gpu2": node("gpu2", lend=R(flags.get("lend", 4))),
+    }
+    cluster = ClusterView(target="head", nodes=nodes, allow_offload=flags.get("offload", True),
+                          lent_when_target_full=True, target_busy=flags.get("busy", ""))
+    placement = place(requirement, cluster, boosts, strategy)
+    assert (placement.kind, placement.node, placement.boost_id) == (kind, node_name, boost_id), placement.reason
+    assert words in placement.reason
+
+
+def test_without_the_rule_strategies_may_offload_a_task_the_target_could_take():
+    cluster = view(node("head", free=R(2), in_flight=1), GPU1, GPU2)
+    assert place(need(1), cluster, [], "spread").kind is O  # the pure default: every candidate competes
+    cluster = ClusterView(target="head", nodes=cluster.nodes, lent_when_target_full=True)
+    assert place(need(1), cluster, [], "spread").kind is T
+
+
+# --- OffloadIndex: the same placement as the full scan, decision by decision
+_CPUS = [0, 0.3, 0.1 + 0.2, 0.5, 1, 2, 2, 3, 4, 8]  # repeats make shapes and ties; 0.1 + 0.2 is a rounding near-tie
+_GPUS = [0, 0, 0, 0.5, 1, 2]
+_MEMS = [0, 0, 1, 2, 4, 16]
+_PRESSURES = [0.0, 0.0, 0.25, 0.5, 1.0]
+
+
+def _random_node(rnd, name: str) -> NodeView:
+    def res():
+        return R(rnd.choice(_CPUS), rnd.choice(_GPUS), rnd.choice(_MEMS))
+
+    def pressure():
+        return rnd.choice(_PRESSURES) if rnd.random() < 0.7 else rnd.random()
+
+    return NodeView(name, alive=rnd.random() < 0.85, free=res(), lendable_free=res(),
+                    pressure=Pressure(pressure(), pressure(), pressure()), in_flight=rnd.randrange(4))
+
+
+def _random_view(rnd, names: list[str]) -> ClusterView:
+    target = rnd.choice(names) if rnd.random() < 0.9 else "gone"  # sometimes not in the view
+    return ClusterView(
+        target=target,
+        nodes={n: _random_node(rnd, n) for n in names},
+        allow_offload=rnd.random() < 0.9,
+        lent_when_target_full=rnd.random() < 0.5,
+        target_busy=rnd.choice(["", "", "cpu 0.95 > 0.80"]),
+    )
+
+
+def _random_boosts(rnd, names: list[str]) -> list[BoostView]:
+    return [BoostView(id=f"{i:08x}-boost", source=rnd.choice(names + ["gone"]),
+                      free=R(rnd.choice(_CPUS), rnd.choice(_GPUS), rnd.choice(_MEMS)), usable=rnd.random() < 0.8,
+                      in_flight=rnd.randrange(4), shared=rnd.random() < 0.3)
+            for i in range(rnd.randrange(4))]
+
+
+def _random_requirement(rnd, names: list[str]) -> Requirement:
+    return Requirement(R(rnd.choice([0, 0.3, 0.1 + 0.2, 0.5, 1, 2, 3, 8]), rnd.choice([0, 0, 0.5, 1]), rnd.choice([0, 0, 1, 4])),
+                       node=rnd.choice(names + ["gone"]))
+
+
+def _assert_index_agrees(rnd, cluster, index, boosts, names, needs=4):
+    for _ in range(needs):
+        requirement = _random_requirement(rnd, names)
+        for strategy in Strategy:
+            expected = place(requirement, cluster, boosts, strategy)
+            assert place(requirement, cluster, boosts, strategy, index=index) == expected, (requirement, strategy)
+
+
+def test_offload_index_places_exactly_like_the_scan():
+    rnd = random.Random(20240601)
+    for _ in range(300):
+        names = [f"n{i}" for i in rnd.sample(range(100), rnd.randint(1, 60))]  # view order is not name order
+        cluster = _random_view(rnd, names)
+        _assert_index_agrees(rnd, cluster, OffloadIndex.from_view(cluster), _random_boosts(rnd, names), names)
+
+
+def test_offload_index_agrees_after_updates():
+    rnd = random.Random(7)
+    for _ in range(40):
+        names = [f"n{i}" for i in range(rnd.randint(1, 60))]
+        cluster = _random_view(rnd, names)
+        index = OffloadIndex.from_view(cluster)
+        nodes = dict(cluster.nodes)
+        removed = ["new"]
+        for _ in range(30):
+            action = rnd.random()
+            if action < 0.15:  # a node leaves the view
+                gone = rnd.choice([n for n in nodes if n != cluster.target] or [None])
+                if gone is not None:
+                    del nodes[gone]
+                    index.remove(gone)
+                    removed.append(gone)
+            else:  # a dispatch, a finished task, a liveness change, or a node (re)joins: it goes last
+                name = rnd.choice(list(nodes)) if action < 0.85 else rnd.choice(removed)
+                nodes[name] = _random_node(rnd, name)
+                index.update(nodes[name])
+            cluster = ClusterView(cluster.target, dict(nodes), cluster.allow_offload, cluster.lent_when_target_full,
+                                  cluster.target_busy)
+            names = list(nodes)
+            _assert_index_agrees(rnd, cluster, index, _random_boosts(rnd, names), names, needs=1)
+            assert len(index) == len(OffloadIndex.from_view(cluster))
+
+
+def test_offload_index_is_for_one_target():
+    cluster = view(HEAD_FULL, GPU2)
+    with pytest.raises(ValueError, match="index is for target 'gpu2'"):
+        place(need(1), cluster, [], index=OffloadIndex.from_view(ClusterView("gpu2", cluster.nodes)))
+
+
+def test_offload_index_skips_shapes_without_enough_cpu():
+    # 1,000 small shapes and one big one: a 4-CPU task looks at the big one only.
+    nodes = {f"w{i}": node(f"w{i}", lend=R(1, mem_gib=i)) for i in range(1000)}
+    nodes["big"] = node("big", lend=R(8))
+    cluster = ClusterView("head", {"head": HEAD_FULL, **nodes})
+    index = OffloadIndex.from_view(cluster)
+    assert index.best(R(4), Strategy.load_balanced)[0] == 1
+    assert place(need(4), cluster, [], "load_balanced", index=index).node == "big"

@@ -1,0 +1,212 @@
+"""The runner's use of lent capacity in each sharing mode, on real Ray nodes and a real Prefect server.
+
+The test cluster: gpu-master (1 CPU, the flows' target), gpu1 lends 2 CPU, gpu2 lends 1 CPU.
+The only fake is the node metrics of the dynamic_balancing test (one machine has one load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import ray
+from prefect import flow, task
+
+from grid_flows import BoostRayTaskRunner, list_boosts, request_boost, requires
+from grid_flows import boosts as boost_ops
+from grid_flows import ray_cluster as rc
+from grid_flows.metrics import BlockHistoryStore, history_to_data
+from grid_flows.models import BoostState, InvalidRequest, utcnow
+from grid_flows.pressure import MetricsHistory, NodeSample
+from grid_flows.store import BoostStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+@task
+def where(i: int, seconds: float = 0.0, started: str = "") -> dict:
+    if started:
+        Path(started).touch()  # tells the test the flow is under way
+    start = time.time()
+    time.sleep(seconds)
+    ctx = ray.get_runtime_context()
+    return {"i": i, "node_id": ctx.get_node_id(), "group": ctx.get_placement_group_id() or "",
+            "start": start, "end": time.time()}
+
+
+def _names() -> dict[str, str]:
+    return {info.node_id: name for name, info in rc.grid_nodes().items()}
+
+
+@contextlib.contextmanager
+def sharing_mode(grid, mode: str):
+    spec = grid.spec
+    data = spec.model_dump(mode="json")
+    changed = type(spec).model_validate({**data, "resource_sharing": {**data["resource_sharing"], "mode": mode}})
+    with BoostStore() as store:
+        store.save_cluster(changed)
+    try:
+        yield
+    finally:
+        with BoostStore() as store:
+            store.save_cluster(spec)
+
+
+@contextlib.contextmanager
+def metrics_history(busy_node: str):
+    """The persisted history the runner reads: ``busy_node`` at 95% CPU in its last two samples."""
+    now = utcnow()
+    history = MetricsHistory()
+    for age in (12, 2):
+        for node in ("gpu-master", "gpu1", "gpu2"):
+            cpu = 95 if node == busy_node else 10
+            history.add(NodeSample(node, now - timedelta(seconds=age), cpu, 20, 0))
+    store = BlockHistoryStore()
+    store.save(history_to_data(history))
+    try:
+        yield
+    finally:
+        store.save({})
+
+
+def _wait_for(path: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
+        time.sleep(0.05)
+
+
+def test_share_and_offload_routes_queued_tasks_into_a_boost_granted_to_the_node_mid_flow(grid, tmp_path):
+    started = tmp_path / "started"
+    results: dict = {}
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def eight_on_a_one_cpu_head() -> list[dict]:
+        futures = where.map(range(8), seconds=1.0, started=str(started))
+        return [f.result(timeout=120) for f in futures]
+
+    thread = threading.Thread(target=lambda: results.setdefault("rows", eight_on_a_one_cpu_head()))
+    thread.start()
+    try:
+        _wait_for(started, 90)
+        # What the rebalance flow does for a busy head (origin "rebalance"); not attached to the flow.
+        granted = boost_ops.request("gpu-master", cpu=2, source="gpu1", duration="10m", origin="rebalance")
+        granted_at = time.time()
+    finally:
+        thread.join(timeout=150)
+    assert not thread.is_alive()
+    rows = results["rows"]
+    names = _names()
+    assert sorted(r["i"] for r in rows) == list(range(8))
+    in_boost = [r for r in rows if r["group"] == granted.placement_group_id]
+    assert in_boost, "no queued task moved into the boost granted to gpu-master"
+    assert all(names[r["node_id"]] == "gpu1" and r["start"] >= granted_at - 0.5 for r in in_boost)
+    assert all(names[r["node_id"]] == "gpu-master" for r in rows if r not in in_boost)  # offload is off
+    # The runner only borrowed it: the boost is the node's, and still active after the flow.
+    with BoostStore() as store:
+        assert store.get(granted.id).state is BoostState.active
+
+
+def test_share_and_offload_lends_only_once_the_target_is_saturated(grid):
+    @flow(task_runner=BoostRayTaskRunner(strategy="spread"))
+    def two_small_then_one_big() -> list[dict]:
+        with requires(cpu=0.5):
+            small = [f.result(timeout=60) for f in where.map(range(2), seconds=0.5)]
+        with requires(cpu=2):
+            big = where.submit(2).result(timeout=60)
+        return small + [big]
+
+    rows = two_small_then_one_big()
+    names = _names()
+    # spread would put the second small task on an idle lender; the head still had room for it.
+    assert [names[r["node_id"]] for r in rows[:2]] == ["gpu-master", "gpu-master"]
+    assert names[rows[2]["node_id"]] == "gpu1" and rows[2]["group"] == ""  # offloaded within gpu1's 2 CPU
+    assert list_boosts() == []
+
+
+def test_offload_only_grants_no_boost_and_offloads_within_the_lenders_share(grid):
+    with sharing_mode(grid, "offload_only"):
+        with pytest.raises(InvalidRequest, match="offload_only: boosts are off"):
+            request_boost("gpu-master", cpu=1, source="gpu1")
+        assert list_boosts() == [] and rc.grid_groups() == {}  # the rejected request left nothing behind
+
+        @flow(task_runner=BoostRayTaskRunner())
+        def four_at_once() -> list[dict]:
+            return [f.result(timeout=90) for f in where.map(range(4), seconds=0.5)]
+
+        rows = four_at_once()
+    names = _names()
+    ran_on = sorted(names[r["node_id"]] for r in rows)
+    # 1 CPU of the head, 2 lent by gpu1, 1 by gpu2: all four fit at once, none in a group.
+    assert ran_on == ["gpu-master", "gpu1", "gpu1", "gpu2"]
+    assert all(r["group"] == "" for r in rows)
+    assert list_boosts() == []
+
+
+def test_offload_only_runner_ignores_a_boost_granted_to_the_node(grid):
+    node_boost = boost_ops.request("gpu-master", cpu=2, source="gpu1", duration="10m", origin="rebalance")
+    with sharing_mode(grid, "offload_only"):
+
+        @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+        def three() -> list[dict]:
+            return [f.result(timeout=90) for f in where.map(range(3), seconds=0.2)]
+
+        rows = three()
+    names = _names()
+    assert {names[r["node_id"]] for r in rows} == {"gpu-master"}
+    assert all(r["group"] != node_boost.placement_group_id for r in rows)
+
+
+@pytest.mark.parametrize("mode, expected", [("dynamic_balancing", "lender"), ("share_and_offload", "gpu-master")])
+def test_dynamic_balancing_moves_work_off_a_busy_target(grid, mode, expected):
+    with sharing_mode(grid, mode), metrics_history(busy_node="gpu-master"):
+
+        @flow(task_runner=BoostRayTaskRunner())
+        def one_small() -> dict:
+            with requires(cpu=0.5):
+                return where.submit(0).result(timeout=60)
+
+        row = one_small()
+    node = _names()[row["node_id"]]
+    # The head had room for the task either way; only dynamic_balancing reads its pressure.
+    assert (node if node == "gpu-master" else "lender") == expected
+    assert row["group"] == ""
+
+
+def test_rejected_boost_requests_name_the_setting(grid):
+    spec = grid.spec
+    data = spec.model_dump(mode="json")
+    disabled = type(spec).model_validate({**data, "resource_sharing": {**data["resource_sharing"], "enabled": False}})
+    with BoostStore() as store:
+        store.save_cluster(disabled)
+    try:
+        with pytest.raises(InvalidRequest, match="resource_sharing.enabled is false"):
+            request_boost("gpu-master", cpu=1)
+    finally:
+        with BoostStore() as store:
+            store.save_cluster(spec)
+    assert list_boosts() == [] and rc.grid_groups() == {}
+
+
+def test_a_boosted_flow_in_offload_only_runs_unboosted_or_fails_as_asked(grid):
+    from grid_flows import BoostsDisabled, boosted
+
+    @boosted(cpu=2, source="gpu1", duration="5m")  # on_unavailable="run": warn and run
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def tolerant() -> list[dict]:
+        return [f.result(timeout=60) for f in where.map(range(2))]
+
+    @boosted(cpu=2, source="gpu1", duration="5m", on_unavailable="fail")
+    @flow
+    def strict() -> None: ...
+
+    with sharing_mode(grid, "offload_only"):
+        rows = tolerant()
+        with pytest.raises(BoostsDisabled, match="offload_only"):
+            strict()
+    assert {_names()[r["node_id"]] for r in rows} == {"gpu-master"}
+    assert list_boosts() == [] and rc.grid_groups() == {}
