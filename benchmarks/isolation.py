@@ -16,6 +16,7 @@ not whether two cores can run three nodes' work at once.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,7 @@ class Flood:
             from grid_flows.local_prefect import stop_process_group
 
             stop_process_group(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def flood_main(workdir: str) -> int:

@@ -65,6 +65,7 @@ from grid_flows.scheduler import (
     BoostView,
     ClusterView,
     NodeView,
+    OffloadIndex,
     Placement,
     PlacementKind,
     Requirement,
@@ -245,6 +246,8 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._bindings: dict[str, _Binding] = {}
         self._in_flight: dict[Any, _InFlight] = {}
         self._budget: dict[str, Resources] = {}  # target: its size; others: lendable share
+        self._nodes: dict[str, NodeView] = {}  # the view place() sees, one NodeView per budgeted node
+        self._index: Optional[OffloadIndex] = None  # offload candidates of _nodes, kept in step
         self._alive: dict[str, bool] = {}
         self._node_in_flight: Counter = Counter()
         self._node_used: dict[str, Resources] = {}
@@ -522,19 +525,31 @@ class BoostRayTaskRunner(RayTaskRunner):
             self.target = self.target or "local"
             self._alive[self.target] = True
             self._node_used[self.target] = Resources()
+        self._rebuild_nodes()
+
+    def _node_view(self, name: str) -> NodeView:
+        free = self._budget[name].minus(self._node_used[name])
+        return NodeView(
+            name=name,
+            alive=self._alive.get(name, False),
+            free=free if name == self.target else Resources(),
+            lendable_free=free if name != self.target else Resources(),
+            in_flight=self._node_in_flight[name],
+        )
+
+    def _rebuild_nodes(self) -> None:
+        self._nodes = {name: self._node_view(name) for name in self._budget}
+        self._index = OffloadIndex.from_view(self._view())
+
+    def _node_changed(self, name: str) -> None:
+        """Keep the view and its offload index in step after one node's use or liveness changed.
+        Under the lock. One node per dispatch: a decision never rebuilds the whole view."""
+        if name in self._budget:
+            view = self._nodes[name] = self._node_view(name)
+            self._index.update(view)
 
     def _view(self) -> ClusterView:
-        nodes = {}
-        for name, budget in self._budget.items():
-            free = budget.minus(self._node_used[name])
-            nodes[name] = NodeView(
-                name=name,
-                alive=self._alive.get(name, False),
-                free=free if name == self.target else Resources(),
-                lendable_free=free if name != self.target else Resources(),
-                in_flight=self._node_in_flight[name],
-            )
-        return ClusterView(target=self.target, nodes=nodes, allow_offload=bool(self.allow_offload),
+        return ClusterView(target=self.target, nodes=self._nodes, allow_offload=bool(self.allow_offload),
                            lent_when_target_full=True, target_busy=self._target_busy)
 
     def _boost_views(self) -> list[BoostView]:
@@ -569,7 +584,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                 waiting.append(item)
                 continue
             requirement = Requirement(resources=item.need.resources(), node=item.need.node)
-            placement = place(requirement, view, boosts, self.strategy)
+            placement = place(requirement, view, boosts, self.strategy, index=self._index)
             if placement.kind is PlacementKind.queue:
                 waiting.append(item)
                 continue
@@ -592,6 +607,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         else:
             self._node_used[node] = self._node_used[node] + need
             self._node_in_flight[node] += 1
+            self._node_changed(node)
         self._counts[f"{placement.kind.value}:{node}"] += 1
         if len(self._reasons) < _EXAMPLE_REASONS or placement.kind.value not in " ".join(self._reasons):
             self._reasons.append(f"{item.task_name}: {placement.kind.value} -> {placement.reason}")
@@ -630,6 +646,7 @@ class BoostRayTaskRunner(RayTaskRunner):
             else:
                 self._node_used[flight.node] = self._node_used[flight.node].minus(flight.resources)
                 self._node_in_flight[flight.node] -= 1
+                self._node_changed(flight.node)
             stranded = ref in self._stranded
             self._stranded.discard(ref)
             lost = is_lost_with_node(result) or (stranded and _is_cancelled(result))
@@ -647,6 +664,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                 binding.usable, binding.why_unusable = False, f"lender {flight.node} is gone"
         else:
             self._alive[flight.node] = False
+            self._node_changed(flight.node)
         item = flight.item
         old_run_id, new_run_id = item.future.task_run_id, uuid4()
         item.context = _with_task_run_id(item.context, new_run_id)
@@ -720,7 +738,10 @@ class BoostRayTaskRunner(RayTaskRunner):
 
         alive = {name: info.alive for name, info in rc.grid_nodes().items()}
         with self._cond:
-            self._alive.update(alive)
+            for name, up in alive.items():
+                if self._alive.get(name) != up:
+                    self._alive[name] = up
+                    self._node_changed(name)
         if self._adopt_node_boosts:
             self._adopt_new_node_boosts(store.list())
         if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
