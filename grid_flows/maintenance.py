@@ -18,6 +18,7 @@ from __future__ import annotations
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from grid_flows.flows.lifecycle import expire_boosts, reconcile_boosts
+from grid_flows.models import ClusterSpec
 from grid_flows.flows.rebalance import cluster_status_snapshot, rebalance
 
 # name -> (flow, interval seconds).
@@ -29,19 +30,37 @@ SCHEDULES = {
 }
 
 
-def maintenance_deployments(interval_scale: float = 1.0) -> list:
-    """RunnerDeployments of the maintenance flows; ``interval_scale`` shortens intervals for tests."""
+def maintenance_deployments(interval_scale: float = 1.0, spec: ClusterSpec | None = None) -> list:
+    """RunnerDeployments of the maintenance flows; ``interval_scale`` shortens intervals for tests.
+
+    ``grid-rebalance`` runs every ``resource_sharing.rebalance_interval_seconds`` of ``spec``
+    (default: the saved cluster block, when there is one); the others on ``SCHEDULES``.
+    """
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    intervals = {name: seconds for name, (_, seconds) in SCHEDULES.items()}
+    spec = spec if spec is not None else _saved_cluster()
+    if spec is not None:
+        intervals["grid-rebalance"] = spec.resource_sharing.rebalance_interval_seconds
     return [
         flow.to_deployment(
             name=name,
-            interval=max(1.0, seconds * interval_scale),
+            interval=max(1.0, intervals[name] * interval_scale),
             concurrency_limit=one_at_a_time,
             tags=["grid-flows", "maintenance"],
             description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
         )
-        for name, (flow, seconds) in SCHEDULES.items()
+        for name, (flow, _) in SCHEDULES.items()
     ]
+
+
+def _saved_cluster() -> ClusterSpec | None:
+    from grid_flows.store import BoostStore, ClusterNotConfigured
+
+    try:
+        with BoostStore() as store:
+            return store.load_cluster()
+    except ClusterNotConfigured:
+        return None
 
 
 def serve_maintenance(interval_scale: float = 1.0) -> None:

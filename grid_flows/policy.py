@@ -11,8 +11,10 @@ memory, or gpu when it has one) is above that resource's ``high``, and *idle* wh
 are below their ``low``. One saturated resource is enough to starve a node, and a
 weighted total would hide it. The total ranks lenders (least pressured lends first).
 
-A node whose latest sample (at or before ``now``) is older than three monitoring
-intervals has no say: it neither borrows, lends, is released for idleness nor protected.
+A node whose latest sample (at or before ``now``) is older than three sampling intervals
+(the larger of ``monitoring_interval_seconds`` and ``rebalance_interval_seconds``: the
+rebalance flow takes the samples) has no say: it neither borrows, lends, is released for
+idleness nor protected. Samples count as consecutive only without such a gap between them.
 
 Example:
     >>> from datetime import datetime, timedelta, timezone
@@ -38,6 +40,7 @@ from typing import Literal, Optional, Sequence
 from grid_flows.models import (
     Boost,
     BoostState,
+    ClusterSharing,
     ClusterSpec,
     Priority,
     Resources,
@@ -97,7 +100,7 @@ def decide(
     if not sharing.enabled:
         return [Decision("none", "", reason="resource sharing is disabled")]
     hold = sharing.min_runtime_seconds if min_hold_seconds is None else min_hold_seconds
-    view = _View(history, now, timedelta(seconds=STALE_INTERVALS * sharing.monitoring_interval_seconds))
+    view = _View(history, now, stale_after(sharing))
     thresholds = sharing.thresholds
     live = [b for b in boosts if not b.state.ended]
     active = [b for b in live if b.state is BoostState.active]
@@ -113,6 +116,12 @@ def decide(
     return [Decision("none", "", reason="; ".join(notes) or "all nodes between thresholds")]
 
 
+def stale_after(sharing: ClusterSharing) -> timedelta:
+    """How old a node's latest sample may be and still count (three sampling intervals)."""
+    interval = max(sharing.monitoring_interval_seconds, sharing.rebalance_interval_seconds)
+    return timedelta(seconds=STALE_INTERVALS * interval)
+
+
 class _View:
     """The samples known at ``now``, for nodes whose latest one is fresh."""
 
@@ -120,10 +129,15 @@ class _View:
         self.history, self.now, self.stale_after = history, now, stale_after
 
     def samples(self, node: str) -> list[NodeSample]:
+        """The latest unbroken run: samples before a gap longer than ``stale_after`` are not
+        "in a row" with the later ones (a rebalancer stopped for an hour has no streak)."""
         known = [s for s in self.history.samples(node) if s.at <= self.now]
         if not known or self.now - known[-1].at > self.stale_after:
             return []
-        return known
+        start = len(known) - 1
+        while start > 0 and known[start].at - known[start - 1].at <= self.stale_after:
+            start -= 1
+        return known[start:]
 
 
 def _levels(sample: NodeSample) -> dict[str, float]:
@@ -172,11 +186,11 @@ def busy_reason(spec: ClusterSpec, history: MetricsHistory, node: str, now: date
         ...     history.add(NodeSample("head", t0 + timedelta(seconds=second), 95, 20, 0))
         >>> busy_reason(spec, history, "head", t0 + timedelta(seconds=10))
         'above high in the last 2 samples (cpu 0.95 > 0.80)'
-        >>> busy_reason(spec, history, "head", t0 + timedelta(minutes=5))  # stale: no say
+        >>> busy_reason(spec, history, "head", t0 + timedelta(minutes=5))  # stale (> 3 x 30 s): no say
         ''
     """
     sharing = spec.resource_sharing
-    view = _View(history, now, timedelta(seconds=STALE_INTERVALS * sharing.monitoring_interval_seconds))
+    view = _View(history, now, stale_after(sharing))
     return _busy_streak(view.samples(node), sharing.thresholds) or ""
 
 

@@ -219,6 +219,15 @@ def test_two_consecutive_busy_samples_are_needed(head, grants):
     assert [d.action for d in decisions] == (["grant"] if grants else ["none"])
 
 
+def test_busy_samples_with_a_gap_between_them_are_not_in_a_row():
+    history = history_of(QUIET_LENDERS)
+    add_series(history, HEAD, [95], end=NOW - timedelta(hours=1))  # the rebalancer was stopped since
+    add_series(history, HEAD, [95], end=NOW)
+    assert [d.action for d in decide(make_spec(), history, [], NOW)] == ["none"]
+    add_series(history, HEAD, [95], end=NOW + STEP)  # the next sample makes two in a row
+    assert [d.action for d in decide(make_spec(), history, [], NOW + STEP)] == ["grant"]
+
+
 def rising(start: float, per_minute: float, minutes: float = 5) -> list[float]:
     """cpu percents one STEP apart, rising ``per_minute`` percent a minute, ending at NOW."""
     count = int(minutes * 60 / STEP.total_seconds())

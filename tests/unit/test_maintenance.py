@@ -1,0 +1,23 @@
+"""The maintenance deployments' schedules (built locally; no Prefect server is contacted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from grid_flows.cluster_file import parse_cluster
+from grid_flows.maintenance import SCHEDULES, maintenance_deployments
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _intervals(deployments) -> dict[str, float]:
+    return {d.name: d.schedules[0].schedule.interval.total_seconds() for d in deployments}
+
+
+def test_rebalance_runs_on_the_clusters_interval_and_the_rest_on_their_own():
+    spec = parse_cluster({"nodes": [{"name": "head", "role": "head"}],
+                          "resource_sharing": {"rebalance_interval_seconds": 45}})
+    intervals = _intervals(maintenance_deployments(spec=spec))
+    assert intervals == {**{name: float(s) for name, (_, s) in SCHEDULES.items()}, "grid-rebalance": 45.0}
+    assert _intervals(maintenance_deployments(0.1, spec=spec))["grid-rebalance"] == pytest.approx(4.5)
+    assert all(d.concurrency_limit == 1 for d in maintenance_deployments(spec=spec))
