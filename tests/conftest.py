@@ -22,6 +22,7 @@ os.environ.update(
 )
 os.environ.pop("RAY_ADDRESS", None)
 
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -89,6 +90,23 @@ def grid_session(prefect_server):
         store.save_cluster(spec)
     with local_cluster(spec) as address:
         yield Grid(spec=spec, address=address, api_url=prefect_server)
+
+
+@contextmanager
+def sharing_settings(grid: Grid, **settings):
+    """The cluster block with ``resource_sharing`` changed meanwhile (``mode=...``, ``enabled=...``)."""
+    from grid_flows.store import BoostStore
+
+    spec = grid.spec
+    data = spec.model_dump(mode="json")
+    changed = type(spec).model_validate({**data, "resource_sharing": {**data["resource_sharing"], **settings}})
+    with BoostStore() as store:
+        store.save_cluster(changed)
+    try:
+        yield changed
+    finally:
+        with BoostStore() as store:
+            store.save_cluster(spec)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from grid_flows.flows.rebalance import (
 from grid_flows.metrics import NO_GPU, RayProbeSource, StaticSource
 from grid_flows.models import BoostState, InvalidRequest, utcnow
 from grid_flows.store import BoostStore
+from tests.conftest import sharing_settings
 from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -141,20 +142,12 @@ def test_busy_lender_reclaims_its_boost(metrics, run, emitted):
 
 @pytest.mark.parametrize("change", [{"policy": "conservative"}, {"mode": "offload_only"}])
 def test_conservative_policy_and_offload_only_mode_never_grant(metrics, run, grid, change):
-    spec = grid.spec
-    data = spec.model_dump(mode="json")
-    changed = type(spec).model_validate({**data, "resource_sharing": {**data["resource_sharing"], **change}})
-    with BoostStore() as store:
-        store.save_cluster(changed)
-    try:
+    with sharing_settings(grid, **change):
         metrics.set("gpu-master", **BUSY)
         results = [run() for _ in range(3)]
         assert all(_actions(r) == ["none"] for r in results), results
         assert list(change.values())[0] in results[-1]["decisions"][0]["reason"]
         assert _rebalance_boosts() == []
-    finally:
-        with BoostStore() as store:
-            store.save_cluster(spec)
 
 
 def test_an_unreachable_node_is_reported_not_raised_and_a_quiet_run_says_so(metrics, run):

@@ -7,6 +7,7 @@ The only fake is the node metrics of the dynamic_balancing test (one machine has
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from datetime import timedelta
@@ -23,6 +24,7 @@ from grid_flows.metrics import BlockHistoryStore, history_to_data
 from grid_flows.models import BoostState, InvalidRequest, utcnow
 from grid_flows.pressure import MetricsHistory, NodeSample
 from grid_flows.store import BoostStore
+from tests.conftest import sharing_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -40,20 +42,6 @@ def where(i: int, seconds: float = 0.0, started: str = "") -> dict:
 
 def _names() -> dict[str, str]:
     return {info.node_id: name for name, info in rc.grid_nodes().items()}
-
-
-@contextlib.contextmanager
-def sharing_mode(grid, mode: str):
-    spec = grid.spec
-    data = spec.model_dump(mode="json")
-    changed = type(spec).model_validate({**data, "resource_sharing": {**data["resource_sharing"], "mode": mode}})
-    with BoostStore() as store:
-        store.save_cluster(changed)
-    try:
-        yield
-    finally:
-        with BoostStore() as store:
-            store.save_cluster(spec)
 
 
 @contextlib.contextmanager
@@ -129,7 +117,7 @@ def test_share_and_offload_lends_only_once_the_target_is_saturated(grid):
 
 
 def test_offload_only_grants_no_boost_and_offloads_within_the_lenders_share(grid):
-    with sharing_mode(grid, "offload_only"):
+    with sharing_settings(grid, mode="offload_only"):
         with pytest.raises(InvalidRequest, match="offload_only: boosts are off"):
             request_boost("gpu-master", cpu=1, source="gpu1")
         assert list_boosts() == [] and rc.grid_groups() == {}  # the rejected request left nothing behind
@@ -149,7 +137,7 @@ def test_offload_only_grants_no_boost_and_offloads_within_the_lenders_share(grid
 
 def test_offload_only_runner_ignores_a_boost_granted_to_the_node(grid):
     node_boost = boost_ops.request("gpu-master", cpu=2, source="gpu1", duration="10m", origin="rebalance")
-    with sharing_mode(grid, "offload_only"):
+    with sharing_settings(grid, mode="offload_only"):
 
         @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
         def three() -> list[dict]:
@@ -163,7 +151,7 @@ def test_offload_only_runner_ignores_a_boost_granted_to_the_node(grid):
 
 @pytest.mark.parametrize("mode, expected", [("dynamic_balancing", "lender"), ("share_and_offload", "gpu-master")])
 def test_dynamic_balancing_moves_work_off_a_busy_target(grid, mode, expected):
-    with sharing_mode(grid, mode), metrics_history(busy_node="gpu-master"):
+    with sharing_settings(grid, mode=mode), metrics_history(busy_node="gpu-master"):
 
         @flow(task_runner=BoostRayTaskRunner())
         def one_small() -> dict:
@@ -178,17 +166,9 @@ def test_dynamic_balancing_moves_work_off_a_busy_target(grid, mode, expected):
 
 
 def test_rejected_boost_requests_name_the_setting(grid):
-    spec = grid.spec
-    data = spec.model_dump(mode="json")
-    disabled = type(spec).model_validate({**data, "resource_sharing": {**data["resource_sharing"], "enabled": False}})
-    with BoostStore() as store:
-        store.save_cluster(disabled)
-    try:
+    with sharing_settings(grid, enabled=False):
         with pytest.raises(InvalidRequest, match="resource_sharing.enabled is false"):
             request_boost("gpu-master", cpu=1)
-    finally:
-        with BoostStore() as store:
-            store.save_cluster(spec)
     assert list_boosts() == [] and rc.grid_groups() == {}
 
 
@@ -204,9 +184,36 @@ def test_a_boosted_flow_in_offload_only_runs_unboosted_or_fails_as_asked(grid):
     @flow
     def strict() -> None: ...
 
-    with sharing_mode(grid, "offload_only"):
+    with sharing_settings(grid, mode="offload_only"):
         rows = tolerant()
         with pytest.raises(BoostsDisabled, match="offload_only"):
             strict()
     assert {_names()[r["node_id"]] for r in rows} == {"gpu-master"}
     assert list_boosts() == [] and rc.grid_groups() == {}
+
+
+@task
+def gpu_probe() -> dict:
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "group": ctx.get_placement_group_id() or "",
+            "gpus": [str(g) for g in ray.get_gpu_ids()], "nice": os.nice(0)}
+
+
+def test_a_gpu_task_the_head_cannot_run_is_offloaded_to_the_gpu_lender_under_its_mode(grid):
+    from grid_flows import guard
+
+    guard.kill_throttle("gpu1")  # count this test's GPU starts from zero
+    try:
+
+        @flow(task_runner=BoostRayTaskRunner())
+        def one_gpu_task() -> dict:
+            with requires(cpu=1, gpu=1):  # the head has no GPU; gpu1 lends its one
+                return gpu_probe.submit().result(timeout=90)
+
+        row = one_gpu_task()
+        assert _names()[row["node_id"]] == "gpu1" and row["group"] == ""
+        assert len(row["gpus"]) == 1  # Ray gave the task gpu1's (logical) GPU
+        assert row["nice"] >= 10  # gpu1 is conservative: the runner's task wrapper lowered it
+        assert guard.throttle_starts("gpu1") == 1  # and the GPU start went through gpu1's throttle
+    finally:
+        guard.kill_throttle("gpu1")
