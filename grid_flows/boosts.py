@@ -288,16 +288,26 @@ def _no_capacity_message(spec: ClusterSpec, target: str, source: str | None, res
     return f"no node can lend {resources.describe()} to {target}: " + ("; ".join(reasons) or "no lenders")
 
 
-def release(boost_id: str, *, address: str | None = None, reason: str = "released by request") -> Boost:
-    """End a boost and free its capacity. Releasing an ended boost returns it unchanged."""
+def release(
+    boost_id: str, *, address: str | None = None, reason: str = "released by request", drain_seconds: float = 0.0
+) -> Boost:
+    """End a boost and free its capacity. Releasing an ended boost returns it unchanged.
+
+    ``drain_seconds``: give tasks still running in it up to that long to finish (runners
+    stop routing to it within a second of the record ending) before the group goes."""
     with BoostStore() as store:
         boost = store.resolve(boost_id)
         rc.connect(address)
-        return end(store, boost.id, Event.release, reason, address=address)
+        return end(store, boost.id, Event.release, reason, address=address, drain_seconds=drain_seconds)
 
 
-def end(store: BoostStore, boost_id: str, event: Event, reason: str, *, address: str | None = None) -> Boost:
-    """Move a live boost to an ended state, then remove its group (record first: see below)."""
+def end(
+    store: BoostStore, boost_id: str, event: Event, reason: str, *, address: str | None = None,
+    drain_seconds: float = 0.0,
+) -> Boost:
+    """Move a live boost to an ended state, then remove its group (record first: see below).
+
+    With ``drain_seconds``, wait (at most that long) for the group to be idle in between."""
     with rc.ledger_lock():
         boost = store.get(boost_id)
         if boost.state.ended:
@@ -307,10 +317,21 @@ def end(store: BoostStore, boost_id: str, event: Event, reason: str, *, address:
     # The record says ended before the group goes: a crash in between leaves a group
     # without a live record, which reconcile removes; never a live record without a group.
     rc.connect(address)
+    if drain_seconds > 0 and ended.placement_group_id:
+        _drain(ended, drain_seconds)
     _remove(ended)
     store.publish_boosts_table(store.list())
     store.emit(f"grid.boost.{ended.state.value}", ended)
     return ended
+
+
+def _drain(boost: Boost, seconds: float) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    # Polling Ray's view of the group, bounded by ``seconds``.
+    while time.monotonic() < deadline and not rc.group_idle(boost.placement_group_id, boost.resources.bundle()):
+        time.sleep(0.1)
 
 
 def _remove(boost: Boost) -> None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from grid_flows.flows.lifecycle import expire_boosts, reconcile_boosts
-from grid_flows.models import ClusterSpec
 from grid_flows.flows.rebalance import cluster_status_snapshot, rebalance
+from grid_flows.models import ClusterSpec
 
 # name -> (flow, interval seconds).
 SCHEDULES = {

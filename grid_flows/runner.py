@@ -8,12 +8,12 @@ Ray, and is dispatched as capacity frees, after the tasks it depends on were dis
 
 Lent capacity is used when the target is saturated, as the cluster's sharing mode says:
 
-- ``share_and_offload``: queued tasks go into boosts granted to the target node (by the
-  rebalance flow; picked up within a second of being granted or activated), then within
-  other nodes' lendable share.
+- ``share_and_offload``: queued tasks may also go into boosts granted to the target node
+  by the rebalance flow (picked up within a second of being granted or activated while
+  tasks wait; the flow's own boosts are tried first) and within other nodes' lendable share.
 - ``dynamic_balancing``: the same, and the target also counts as saturated while the
-  metrics history shows it above a ``high`` threshold (work moves off a node that is busy
-  with something else; it still runs there when nothing else has room).
+  metrics history shows it above a ``high`` threshold, whatever the load is (this flow's
+  own tasks count too); it still runs there what nothing else has room for.
 - ``offload_only``: no boosts; tasks go to lenders within their share, the head's own
   capacity is never extended.
 
@@ -555,7 +555,8 @@ class BoostRayTaskRunner(RayTaskRunner):
     def _boost_views(self) -> list[BoostView]:
         now = utcnow()
         views = []
-        for b in self._bindings.values():
+        # The flow's own boosts first: first-fit strategies try them before the node's shared ones.
+        for b in sorted(self._bindings.values(), key=lambda binding: binding.shared):
             if b.usable and now >= b.boost.expires_at:
                 b.usable, b.why_unusable = False, "expired"
                 self._say(logging.WARNING, f"Boost {b.boost.short_id} expired at {b.boost.expires_at:%H:%M:%S} UTC; "
@@ -718,17 +719,21 @@ class BoostRayTaskRunner(RayTaskRunner):
                         logger.warning("could not refresh boosts and node liveness: %s", exc)
 
     def _first_refresh(self) -> None:
-        """Node boosts and target pressure as they are at the start, so the first tasks see them."""
+        """Node boosts and target pressure as they are at the start, so the first tasks see them.
+        Placing works without them; the refresh loop tries again."""
         from grid_flows.store import BoostStore
 
-        try:
-            if self._adopt_node_boosts:
+        if self._adopt_node_boosts:
+            try:
                 with BoostStore() as store:
                     self._adopt_new_node_boosts(store.list())
-            if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
+            except Exception as exc:
+                logger.warning("could not look for boosts granted to %s: %s", self.target, exc)
+        if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
+            try:
                 self._check_target_pressure()
-        except Exception as exc:  # placing still works without them; the refresh retries
-            logger.warning("could not read node boosts or target pressure: %s", exc)
+            except Exception as exc:
+                logger.warning("could not read the pressure of %s: %s", self.target, exc)
 
     def _refresh(self, store) -> None:
         """Node liveness and the records of bound boosts: preempted, released elsewhere,
@@ -742,11 +747,6 @@ class BoostRayTaskRunner(RayTaskRunner):
                 if self._alive.get(name) != up:
                     self._alive[name] = up
                     self._node_changed(name)
-        if self._adopt_node_boosts:
-            self._adopt_new_node_boosts(store.list())
-        if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
-            self._check_target_pressure()
-        with self._cond:
             bindings = list(self._bindings.values())
         if any(not b.usable for b in bindings):
             groups = rc.grid_groups()
@@ -780,7 +780,24 @@ class BoostRayTaskRunner(RayTaskRunner):
                 overdue = (now - b.expires_at).total_seconds()
                 if binding.count == 0 or overdue >= self._grace_seconds:
                     binding.ended_here = True
-                    boost_ops.end(store, b.id, Event.expire, "expired while its flow ran")
+                    boost_ops.end(store, b.id, Event.expire, "expired while a flow used it" if binding.shared
+                                  else "expired while its flow ran")
+        self._refresh_sharing(store)
+
+    def _refresh_sharing(self, store) -> None:
+        """The mode's extras, after the checks above; one failing does not stop the other."""
+        with self._cond:
+            waiting = bool(self._queue)
+        if self._adopt_node_boosts and waiting:  # only a saturated target can use them
+            try:
+                self._adopt_new_node_boosts(store.list())
+            except Exception as exc:
+                logger.warning("could not look for boosts granted to %s: %s", self.target, exc)
+        if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
+            try:
+                self._check_target_pressure()
+            except Exception as exc:
+                logger.warning("could not read the pressure of %s: %s", self.target, exc)
 
     # -- what the UI shows -----------------------------------------------------------------
 

@@ -7,9 +7,12 @@
 
 - ``grant``: ``boosts.request(..., origin="rebalance")`` from the chosen lender;
 - ``release``: ``boosts.release`` of a rebalance-made boost whose borrower calmed down;
-- ``reclaim``: a busy lender gets its boost back; the boost's tasks get up to the
-  cluster's ``grace_seconds`` to finish, then it ends as ``preempted`` and the event
+- ``reclaim``: a busy lender gets its boost back: it ends as ``preempted`` and the event
   ``grid.lender.reclaimed`` is emitted.
+
+Both end the record first, so runners that adopted the boost stop routing to it within a
+second, and give its running tasks up to the cluster's ``grace_seconds`` before the group
+is removed.
 
 Every run publishes the table artifact ``grid-pressure`` (pressure and trends per node,
 the decisions and their reasons) and the markdown artifact ``grid-rebalance``.
@@ -29,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger
@@ -49,7 +51,7 @@ from grid_flows.metrics import (
     load_history,
     node_pressure,
 )
-from grid_flows.models import Boost, BoostState, ClusterSpec, GridError, InvalidRequest, Resources, utcnow
+from grid_flows.models import Boost, ClusterSpec, GridError, InvalidRequest, Resources, utcnow
 from grid_flows.policy import Decision, decide
 from grid_flows.store import BoostStore
 from grid_flows.units import format_amount, format_bytes
@@ -137,7 +139,9 @@ def _carry_out(store: BoostStore, spec: ClusterSpec, d: Decision, live: list[Boo
                         boost.resources.describe(), d.reason)
             return {"outcome": f"granted boost {boost.short_id}", "boost_id": boost.id}
         if d.action == "release":
-            boost = boosts.release(d.boost_id, reason=f"rebalance: {d.reason}")
+            # Runners that adopted it stop routing at once; running tasks get the grace to finish.
+            boost = boosts.release(d.boost_id, reason=f"rebalance: {d.reason}",
+                                   drain_seconds=spec.resource_sharing.grace_seconds)
             logger.info("Released boost %s: %s", boost.id, d.reason)
             return {"outcome": f"{boost.state.value}", "boost_id": boost.id}
         if d.action == "reclaim":
@@ -152,15 +156,11 @@ def _carry_out(store: BoostStore, spec: ClusterSpec, d: Decision, live: list[Boo
 
 
 def _reclaim(store: BoostStore, spec: ClusterSpec, d: Decision) -> Boost:
-    """Give the lender its capacity back: its tasks get ``grace_seconds`` to finish, then the boost ends."""
+    """Give the lender its capacity back: the record ends first (runners stop routing to it), its
+    running tasks get ``grace_seconds`` to finish, then the group goes."""
     rc.connect()
-    boost = store.get(d.boost_id)
-    if boost.state is BoostState.active and boost.placement_group_id:
-        deadline = time.monotonic() + spec.resource_sharing.grace_seconds
-        # Polling Ray's view of the group, bounded by the grace period.
-        while time.monotonic() < deadline and not rc.group_idle(boost.placement_group_id, boost.resources.bundle()):
-            time.sleep(0.2)
-    ended = boosts.end(store, d.boost_id, Event.preempt, f"reclaimed by lender {d.node}: {d.reason}")
+    ended = boosts.end(store, d.boost_id, Event.preempt, f"reclaimed by lender {d.node}: {d.reason}",
+                       drain_seconds=spec.resource_sharing.grace_seconds)
     store.emit(RECLAIMED_EVENT, ended, lender=d.node, reason=d.reason)
     return ended
 

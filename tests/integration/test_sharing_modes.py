@@ -29,15 +29,37 @@ from tests.conftest import sharing_settings
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)  # polling a file condition, bounded by the deadline
+    return True
+
+
 @task
-def where(i: int, seconds: float = 0.0, started: str = "") -> dict:
-    if started:
-        Path(started).touch()  # tells the test the flow is under way
-    start = time.time()
-    time.sleep(seconds)
+def where(i: int, seconds: float = 0.0, started: str = "", meet: str = "", party: int = 0,
+          hold_until: str = "", mark_grouped: str = "") -> dict:
+    """Where this task ran. Files coordinate it with the test and its siblings:
+    ``started`` is touched on start; with ``meet``, it waits until ``party`` tasks are running at
+    once; a task in a placement group touches ``mark_grouped``; task 0, when outside a group,
+    waits until ``hold_until`` exists. Every wait gives up after 60 s and says so in the result."""
     ctx = ray.get_runtime_context()
-    return {"i": i, "node_id": ctx.get_node_id(), "group": ctx.get_placement_group_id() or "",
-            "start": start, "end": time.time()}
+    group = ctx.get_placement_group_id() or ""
+    start = time.time()
+    if started:
+        Path(started).touch()
+    if mark_grouped and group:
+        Path(mark_grouped).touch()
+    met = True
+    if meet:
+        Path(meet, str(i)).touch()
+        met = _wait_for(lambda: len(list(Path(meet).iterdir())) >= party, 60)
+    if hold_until and i == 0 and not group:
+        met = _wait_for(Path(hold_until).exists, 60) and met
+    time.sleep(seconds)
+    return {"i": i, "node_id": ctx.get_node_id(), "group": group, "start": start, "end": time.time(), "met": met}
 
 
 def _names() -> dict[str, str]:
@@ -61,62 +83,61 @@ def metrics_history(busy_node: str):
         store.save({})
 
 
-def _wait_for(path: Path, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
-        time.sleep(0.05)
-
-
 def test_share_and_offload_routes_queued_tasks_into_a_boost_granted_to_the_node_mid_flow(grid, tmp_path):
-    started = tmp_path / "started"
+    started, grouped = tmp_path / "started", tmp_path / "a-task-ran-in-a-group"
     results: dict = {}
 
     @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
     def eight_on_a_one_cpu_head() -> list[dict]:
-        futures = where.map(range(8), seconds=1.0, started=str(started))
+        # Task 0 holds the head's only CPU until a task has run inside a boost: the other
+        # seven stay queued until the runner picks up the boost granted below.
+        futures = where.map(range(8), seconds=0.2, started=str(started), hold_until=str(grouped),
+                            mark_grouped=str(grouped))
         return [f.result(timeout=120) for f in futures]
 
     thread = threading.Thread(target=lambda: results.setdefault("rows", eight_on_a_one_cpu_head()))
     thread.start()
     try:
-        _wait_for(started, 90)
+        assert _wait_for(started.exists, 90), "the flow's first task did not start"
         # What the rebalance flow does for a busy head (origin "rebalance"); not attached to the flow.
         granted = boost_ops.request("gpu-master", cpu=2, source="gpu1", duration="10m", origin="rebalance")
-        granted_at = time.time()
     finally:
         thread.join(timeout=150)
     assert not thread.is_alive()
     rows = results["rows"]
     names = _names()
     assert sorted(r["i"] for r in rows) == list(range(8))
+    assert all(r["met"] for r in rows), "the head's task gave up: no queued task moved into the node's boost"
     in_boost = [r for r in rows if r["group"] == granted.placement_group_id]
-    assert in_boost, "no queued task moved into the boost granted to gpu-master"
-    assert all(names[r["node_id"]] == "gpu1" and r["start"] >= granted_at - 0.5 for r in in_boost)
+    assert in_boost and all(names[r["node_id"]] == "gpu1" for r in in_boost)
+    assert min(r["start"] for r in in_boost) >= granted.granted_at.timestamp()
     assert all(names[r["node_id"]] == "gpu-master" for r in rows if r not in in_boost)  # offload is off
     # The runner only borrowed it: the boost is the node's, and still active after the flow.
     with BoostStore() as store:
         assert store.get(granted.id).state is BoostState.active
 
 
-def test_share_and_offload_lends_only_once_the_target_is_saturated(grid):
+def test_share_and_offload_lends_only_once_the_target_is_saturated(grid, tmp_path):
     @flow(task_runner=BoostRayTaskRunner(strategy="spread"))
     def two_small_then_one_big() -> list[dict]:
-        with requires(cpu=0.5):
-            small = [f.result(timeout=60) for f in where.map(range(2), seconds=0.5)]
+        with requires(cpu=0.5):  # both run at once (they meet), so the second is placed beside the first
+            small = [f.result(timeout=90) for f in where.map(range(2), meet=str(tmp_path), party=2)]
         with requires(cpu=2):
             big = where.submit(2).result(timeout=60)
         return small + [big]
 
     rows = two_small_then_one_big()
     names = _names()
+    assert all(r["met"] for r in rows)
     # spread would put the second small task on an idle lender; the head still had room for it.
     assert [names[r["node_id"]] for r in rows[:2]] == ["gpu-master", "gpu-master"]
     assert names[rows[2]["node_id"]] == "gpu1" and rows[2]["group"] == ""  # offloaded within gpu1's 2 CPU
     assert list_boosts() == []
 
 
-def test_offload_only_grants_no_boost_and_offloads_within_the_lenders_share(grid):
+def test_offload_only_grants_no_boost_and_offloads_within_the_lenders_share(grid, tmp_path):
+    meet = tmp_path / "meet"
+    meet.mkdir()
     with sharing_settings(grid, mode="offload_only"):
         with pytest.raises(InvalidRequest, match="offload_only: boosts are off"):
             request_boost("gpu-master", cpu=1, source="gpu1")
@@ -124,12 +145,13 @@ def test_offload_only_grants_no_boost_and_offloads_within_the_lenders_share(grid
 
         @flow(task_runner=BoostRayTaskRunner())
         def four_at_once() -> list[dict]:
-            return [f.result(timeout=90) for f in where.map(range(4), seconds=0.5)]
+            return [f.result(timeout=90) for f in where.map(range(4), meet=str(meet), party=4)]
 
         rows = four_at_once()
     names = _names()
     ran_on = sorted(names[r["node_id"]] for r in rows)
-    # 1 CPU of the head, 2 lent by gpu1, 1 by gpu2: all four fit at once, none in a group.
+    # 1 CPU of the head, 2 lent by gpu1, 1 by gpu2: all four ran at once, none in a group.
+    assert all(r["met"] for r in rows)
     assert ran_on == ["gpu-master", "gpu1", "gpu1", "gpu2"]
     assert all(r["group"] == "" for r in rows)
     assert list_boosts() == []

@@ -351,13 +351,23 @@ def test_docstring_examples():
 SHARED = boost("5aaaaaaaaa", "gpu1", R(2))
 SHARED = BoostView(id=SHARED.id, source=SHARED.source, free=SHARED.free, shared=True)
 LENT_RULE_CASES = [
-    ("spread keeps a fitting task on the target", need(1), {}, [], "spread", T, "head", None, "target head has"),
-    ("load_balanced keeps it too", need(1), {}, [], "load_balanced", T, "head", None, "target head has"),
-    ("best_fit ignores a tighter offload", need(2), {}, [], "best_fit", T, "head", None, "target head has"),
+    # head_in_flight / head_pressure make the target the worse candidate, so only the rule keeps it there.
+    ("spread keeps a fitting task on the target", need(1), {"head_in_flight": 2}, [], "spread", T, "head", None,
+     "target head has"),
+    ("load_balanced keeps it too", need(1), {"head_pressure": 0.9}, [], "load_balanced", T, "head", None,
+     "target head has"),
+    ("best_fit ignores a tighter offload", need(1), {"head_free": 3, "lend": 1}, [], "best_fit", T, "head", None,
+     "target head has"),
     ("own boost still competes with the target", need(2), {}, [B1], "best_fit", T, "head", None, "tightest fit"),
-    ("shared boost unused while the target fits", need(1), {}, [SHARED], "local_first", T, "head", None, ""),
-    ("shared boost used once the target is full", need(3), {}, [SHARED], "local_first", O, "gpu2", None,
-     "lacks 3 CPU"),
+    # best_fit would pick the shared boost (a tighter fit than the 2-CPU head) but for the rule;
+    # the flow's own boost of the same size still wins.
+    ("shared boost unused while the target fits", need(2), {"head_free": 3}, [SHARED], "best_fit", T, "head",
+     None, "target head has"),
+    ("own boost of the same size is used", need(2), {"head_free": 3}, [B1], "best_fit", B, "gpu1", "b1aaaaaaaa",
+     "tightest fit"),
+    ("shared boost used once the target is full", need(2), {"head_free": 1}, [SHARED], "best_fit", B, "gpu1",
+     "5aaaaaaaaa", "target head lacks 2 CPU"),
+    ("too small a shared boost: offload", need(3), {}, [SHARED], "local_first", O, "gpu2", None, "lacks 3 CPU"),
     ("shared boost before offload", need(2), {"head_free": 0}, [SHARED], "local_first", B, "gpu1", "5aaaaaaaaa",
      "target head is full"),
     ("saturated target offloads", need(3), {}, [], "spread", O, "gpu2", None, "target head lacks 3 CPU"),
@@ -379,8 +389,10 @@ LENT_RULE_CASES = [
 )
 def test_lent_capacity_only_when_the_target_is_saturated(requirement, flags, boosts, strategy, kind, node_name,
                                                           boost_id, words):
+    pressure = flags.get("head_pressure", 0.0)
     nodes = {
-        "head": node("head", free=R(flags.get("head_free", 2))),
+        "head": node("head", free=R(flags.get("head_free", 2)), p=(pressure, pressure, pressure),
+                     in_flight=flags.get("head_in_flight", 0)),
         "gpu1": node("gpu1", lend=R(flags.get("lend", 1))),
         "gpu2": node("gpu2", lend=R(flags.get("lend", 4))),
     }
