@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import heapq
 import json
 import itertools
@@ -327,7 +328,10 @@ class BoostRayTaskRunner(RayTaskRunner):
             with BoostStore() as store:
                 self.attach_boost(store.get(boost_id))
         self._first_refresh()
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="grid-dispatcher", daemon=True)
+        # The dispatcher reads boost records: it must see this thread's Prefect settings (a
+        # temporary_settings() API URL lives in a context variable, which threads do not inherit).
+        self._dispatcher = threading.Thread(target=contextvars.copy_context().run, args=(self._dispatch_loop,),
+                                            name="grid-dispatcher", daemon=True)
         self._dispatcher.start()
         return self
 

@@ -254,3 +254,28 @@ def test_tasks_run_under_their_nodes_resource_mode(grid):
     for row in rows:
         if names[row["node_id"]] == "gpu-master":  # aggressive: left as Ray started it
             assert row["ioclass"] != int(psutil.IOPRIO_CLASS_IDLE)
+
+
+def test_the_dispatcher_thread_sees_the_prefect_settings_of_the_thread_that_entered_the_runner(grid):
+    # local_prefect_server() and user code set PREFECT_API_URL with temporary_settings(), a
+    # context variable: a plain thread would fall back to the profile's (or an ephemeral) API
+    # and read no boost record at all.
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    runner = BoostRayTaskRunner(allow_offload=False)
+    seen: dict = {}
+    refreshed = threading.Event()
+    original = runner._refresh
+
+    def spy(store):
+        seen.update(url=PREFECT_API_URL.value(), retries=PREFECT_CLIENT_MAX_RETRIES.value())
+        refreshed.set()
+        return original(store)
+
+    runner._refresh = spy
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 4}):  # only this context has it
+        with runner:
+            assert refreshed.wait(timeout=30), "the dispatcher never refreshed"
+    assert seen == {"url": grid.api_url, "retries": 4}
