@@ -88,7 +88,7 @@ the 100 lenders it rescans every active boost), then pydantic validation of `Res
 already holds the request (a no-victim plan always wins); sum resources as plain floats in
 `held_by_lender` and construct one `Resources` per lender.
 
-### Grant path: ~170 ms, not 60 ms; eight sequential Prefect calls, Ray is ~3 ms
+### Grant path: ~160-230 ms (with the machine's load), not 60 ms; eight sequential Prefect calls
 
 Already done: block documents are built directly from the record (Prefect's
 `Block._to_block_document` regenerated the JSON schema ~50 times per write, ~200 ms a grant). What is
@@ -154,7 +154,7 @@ second accounting and tests for its interaction with preemption and node loss.
 
 The boosted flow's makespan barely moves under the flood (~1.0-1.1x): its boost is a placement-group
 bundle, so the flood's plain Ray tasks (`num_cpus=1` on gpu1) only ever get gpu1's other 2 CPUs. With
-plain prefect-ray the same 20 tasks compete with the flood's for gpu1's 4 CPUs in Ray's queue: 1.6-2.7x.
+plain prefect-ray the same 20 tasks compete with the flood's for gpu1's 4 CPUs in Ray's queue: 1.5-2.7x.
 What is still shared in the boosted case is the Prefect server and the machine's 2 cores serving both
 flows' task-run API calls, which is where the remaining few percent come from.
 """

@@ -727,17 +727,11 @@ class BoostRayTaskRunner(RayTaskRunner):
         Placing works without them; the refresh loop tries again."""
         from grid_flows.store import BoostStore
 
-        if self._adopt_node_boosts:
-            try:
-                with BoostStore() as store:
-                    self._adopt_new_node_boosts(store.list())
-            except Exception as exc:
-                logger.warning("could not look for boosts granted to %s: %s", self.target, exc)
-        if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
-            try:
-                self._check_target_pressure()
-            except Exception as exc:
-                logger.warning("could not read the pressure of %s: %s", self.target, exc)
+        try:
+            with BoostStore() as store:
+                self._refresh_sharing(store, at_start=True)
+        except Exception as exc:
+            logger.warning("could not reach the Prefect API for boosts granted to %s: %s", self.target, exc)
 
     def _refresh(self, store) -> None:
         """Node liveness and the records of bound boosts: preempted, released elsewhere,
@@ -788,11 +782,11 @@ class BoostRayTaskRunner(RayTaskRunner):
                                   else "expired while its flow ran")
         self._refresh_sharing(store)
 
-    def _refresh_sharing(self, store) -> None:
+    def _refresh_sharing(self, store, at_start: bool = False) -> None:
         """The mode's extras, after the checks above; one failing does not stop the other."""
         with self._cond:
             waiting = bool(self._queue)
-        if self._adopt_node_boosts and waiting:  # only a saturated target can use them
+        if self._adopt_node_boosts and (waiting or at_start):  # only a saturated target can use them
             try:
                 self._adopt_new_node_boosts(store.list())
             except Exception as exc:
