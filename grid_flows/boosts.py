@@ -94,16 +94,27 @@ def parse_boost_duration(value: str | float | None, spec: ClusterSpec) -> float:
     return seconds
 
 
-def check_boosts_allowed(spec: ClusterSpec) -> None:
-    """Raise BoostsDisabled (an InvalidRequest) when the cluster's sharing settings grant no boosts."""
+def why_no_boosts(spec: ClusterSpec) -> str:
+    """The setting that stops the cluster granting boosts, or "" when it grants them."""
     sharing = spec.resource_sharing
     if not sharing.enabled:
-        raise BoostsDisabled("resource_sharing.enabled is false in the cluster: no node lends capacity, "
-                             "so no boost can be granted (set it to true and run `grid blocks apply`)")
+        return "resource_sharing.enabled is false"
     if sharing.mode is SharingMode.offload_only:
-        raise BoostsDisabled("resource_sharing.mode is offload_only: boosts are off, and tasks go to lenders "
-                             "within their share instead; set the mode to share_and_offload or "
-                             "dynamic_balancing to borrow capacity")
+        return "resource_sharing.mode is offload_only"
+    return ""
+
+
+def check_boosts_allowed(spec: ClusterSpec) -> None:
+    """Raise BoostsDisabled (an InvalidRequest) when the cluster's sharing settings grant no boosts."""
+    why = why_no_boosts(spec)
+    if not why:
+        return
+    if not spec.resource_sharing.enabled:
+        raise BoostsDisabled(f"{why} in the cluster: no node lends capacity, "
+                             "so no boost can be granted (set it to true and run `grid blocks apply`)")
+    raise BoostsDisabled(f"{why}: boosts are off, and tasks go to lenders "
+                         "within their share instead; set the mode to share_and_offload or "
+                         "dynamic_balancing to borrow capacity")
 
 
 def request(

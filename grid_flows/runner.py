@@ -515,7 +515,9 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._spec = spec
         sharing = spec.resource_sharing if spec else None
         self._sharing_mode = sharing.mode if sharing else SharingMode.share_and_offload
-        self._adopt_node_boosts = bool(sharing and sharing.enabled and sharing.mode is not SharingMode.offload_only)
+        from grid_flows.boosts import why_no_boosts
+
+        self._adopt_node_boosts = spec is not None and not why_no_boosts(spec)
         for name, info in nodes.items():
             self._alive[name] = info.alive
             if name == self.target:

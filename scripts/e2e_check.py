@@ -54,6 +54,12 @@ def wait_for_texts(page, texts: list[str], timeout_s: float, what: str) -> str:
     raise CheckFailed(f"{what}: not shown in the UI: {missing}")
 
 
+def save_page(page, out: Path, name: str) -> None:
+    """A full-page screenshot and the page's text, for a person to check after the run."""
+    page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+    (out / f"{name}.txt").write_text(page.inner_text("body"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ui", required=True, help="Prefect UI base URL, e.g. http://127.0.0.1:4200")
@@ -95,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  grid-boosts page shows boost {live['id']} gpu2 -> gpu-master with 1 CPU")
             except CheckFailed as exc:
                 failures.append(str(exc))
-            page.screenshot(path=str(out / "grid-boosts-artifact.png"), full_page=True)
-            (out / "grid-boosts-artifact.txt").write_text(page.inner_text("body"))
+            save_page(page, out, "grid-boosts-artifact")
 
             # 2. The boosted example's flow run: logs name the boost, source, target and size.
             page.goto(f"{args.ui}/runs/flow-run/{args.flow_run}", wait_until="networkidle", timeout=60_000)
@@ -105,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  flow run page logs show boost {ex_boost['id'][:8]} gpu1 -> gpu-master, 2 CPU")
             except CheckFailed as exc:
                 failures.append(str(exc))
-            page.screenshot(path=str(out / "flow-run-logs.png"), full_page=True)
-            (out / "flow-run-logs.txt").write_text(page.inner_text("body"))
+            save_page(page, out, "flow-run-logs")
 
             # 3. Its artifacts tab: the placements table.
             page.goto(f"{args.ui}/runs/flow-run/{args.flow_run}", wait_until="networkidle",
@@ -121,15 +125,13 @@ def main(argv: list[str] | None = None) -> int:
                     print("  flow run artifacts tab lists the placements artifact")
                 except CheckFailed as exc:
                     failures.append(str(exc))
-                page.screenshot(path=str(out / "flow-run-artifacts.png"), full_page=True)
-                (out / "flow-run-artifacts.txt").write_text(page.inner_text("body"))
+                save_page(page, out, "flow-run-artifacts")
 
             # 4. The placements table itself.
             page.goto(f"{args.ui}/artifacts/key/grid-placements-{args.flow_run}", wait_until="networkidle",
                       timeout=60_000)
             page.wait_for_timeout(3000)
-            page.screenshot(path=str(out / "placements-artifact.png"), full_page=True)
-            (out / "placements-artifact.txt").write_text(page.inner_text("body"))
+            save_page(page, out, "placements-artifact")
             ctx.close()
     except CheckFailed as exc:
         failures.append(str(exc))

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ from typing import Any, Dict, List, Optional, Union
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled
 
-from grid_flows.models import GridError, InvalidRequest, NODE_LABEL, NoCapacity, Resources, SharingMode
+from grid_flows.models import GridError, InvalidRequest, NODE_LABEL, NoCapacity, Resources
 
 OUTPUT_LOGGER = "prefect.flow_runs.offload"
 USE_BOOST = ("auto", "always", "never")
@@ -114,7 +115,24 @@ def _artifact(flow_run_id: str, rows: List[tuple], argv: List[str]) -> None:
                              description="Where the offloaded command ran and why")
 
 
+def _failed_state_on_grid_error(fn):
+    """An expected failure (GridError) ends the run Failed with a one-line message, not a traceback."""
+
+    @functools.wraps(fn)  # Prefect reads the parameters through __wrapped__
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GridError as exc:
+            from prefect.states import Failed
+
+            _output_logger().error("%s", exc)
+            return Failed(message=str(exc), data=exc)
+
+    return run
+
+
 @flow(name="grid-offload", log_prints=False)
+@_failed_state_on_grid_error
 def offload(
     command: List[str],
     node: Optional[str] = None,
@@ -141,31 +159,6 @@ def offload(
     Failed with a one-line message and the error (with its ``exit_code``) as the state's
     data, rather than a traceback in the logs.
     """
-    try:
-        return _offload(command, node, cpu, gpu, memory, priority, timeout_seconds, cwd, env, strategy,
-                        use_boost, grace_seconds, boost_duration)
-    except GridError as exc:
-        from prefect.states import Failed
-
-        _output_logger().error("%s", exc)
-        return Failed(message=str(exc), data=exc)
-
-
-def _offload(
-    command: List[str],
-    node: Optional[str] = None,
-    cpu: float = 1,
-    gpu: float = 0,
-    memory: Optional[Union[str, int]] = None,
-    priority: str = "normal",
-    timeout_seconds: Optional[float] = None,
-    cwd: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
-    strategy: str = "local_first",
-    use_boost: str = "auto",
-    grace_seconds: float = 5.0,
-    boost_duration: Optional[Union[str, float]] = None,
-) -> Any:
     import ray
     from ray.util.queue import Empty, Queue
 
@@ -193,9 +186,8 @@ def _offload(
 
     boost = None
     kind, where, reason = placement.kind, placement.node, placement.reason
-    sharing = spec.resource_sharing
-    boosts_off = not sharing.enabled or sharing.mode is SharingMode.offload_only
-    wants_boost = (kind is PlacementKind.queue and use_boost == "auto" and not boosts_off) or (
+    why_no_boosts = boosts.why_no_boosts(spec)
+    wants_boost = (kind is PlacementKind.queue and use_boost == "auto" and not why_no_boosts) or (
         use_boost == "always" and kind is not PlacementKind.target  # refused with the reason when boosts are off
     )
     if wants_boost:
@@ -210,11 +202,8 @@ def _offload(
         reason = f"boost {boost.short_id} from {boost.source} ({boost.priority.value}); {placement.reason}"
         log.info("using boost %s: %s -> %s, %s", boost.id, boost.source, boost.target, boost.resources.describe())
     elif kind is PlacementKind.queue:
-        why_no_boost = ""
-        if boosts_off:
-            off = "enabled is false" if not sharing.enabled else f"mode is {sharing.mode.value}"
-            why_no_boost = f"; and no boost, because resource_sharing.{off}"
-        raise NoCapacity(f"cannot run {resources.describe()} anywhere now: {placement.reason}{why_no_boost}")
+        and_no_boost = f"; and no boost, because {why_no_boosts}" if why_no_boosts else ""
+        raise NoCapacity(f"cannot run {resources.describe()} anywhere now: {placement.reason}{and_no_boost}")
 
     node_spec = spec.node(where)
     limits = limits_for(node_spec)
