@@ -41,6 +41,7 @@ import heapq
 import json
 import itertools
 import logging
+import operator
 import threading
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 from uuid import UUID, uuid4
 
-from prefect.context import FlowRunContext, serialize_context
+from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 from prefect.states import State, exception_to_crashed_state
 from prefect.utilities.asyncutils import run_coro_as_sync
@@ -74,9 +75,11 @@ from grid_flows.scheduler import (
     place,
 )
 from grid_flows.settings import RAY_NAMESPACE, prefect_env_for_workers, ray_address
+from grid_flows.task_context import serialize_task_context, worker_settings
 
 logger = logging.getLogger("grid_flows.runner")
 _REFRESH_SECONDS = 1.0
+_SORT_KEY = operator.attrgetter("sort_key")  # plain tuples: sorting compares in C
 _EXAMPLE_REASONS = 5
 
 
@@ -187,6 +190,7 @@ class _Queued:
     future: GridFuture = field(compare=False)
     submit: Callable[[dict, UUID, dict], Any] = field(compare=False)
     need: Need = field(compare=False)
+    requirement: Requirement = field(compare=False)
     upstream: list = field(compare=False)
     task_name: str = field(compare=False)
     context: dict = field(compare=False)
@@ -363,8 +367,8 @@ class BoostRayTaskRunner(RayTaskRunner):
             k: collect_task_run_inputs_sync(v, future_cls=PrefectRayFuture) for k, v in parameters.items()
         }
         # The context is captured here, in the submitting thread, even if dispatch is later.
-        context = serialize_context(
-            asset_ctx_kwargs={
+        context = serialize_task_context(
+            {
                 "task": task,
                 "task_run_id": task_run_id,
                 "task_inputs": task_inputs,
@@ -392,7 +396,8 @@ class BoostRayTaskRunner(RayTaskRunner):
 
         priority = need.priority or Priority.normal
         queued = _Queued(
-            (-priority.rank, next(self._seq)), future, submit_to_ray, need, upstream, task.name, context
+            (-priority.rank, next(self._seq)), future, submit_to_ray, need,
+            Requirement(resources=need.resources(), node=need.node), upstream, task.name, context,
         )
         with self._cond:
             heapq.heappush(self._queue, queued)
@@ -580,25 +585,29 @@ class BoostRayTaskRunner(RayTaskRunner):
         return views
 
     def _dispatch_ready(self) -> None:
-        """Dispatch every queued task that has room now, in priority order. Call under the lock."""
+        """Dispatch every queued task that has room now, in priority order. Call under the lock.
+
+        Runs on every task end, over the whole queue: a requirement that found no room is
+        not placed again in the same pass (room only shrinks within a pass), so a long queue
+        of like tasks costs one place() per distinct requirement, not one per task."""
         if not self._queue:
             return
         view, boosts = self._view(), self._boost_views()
+        no_room: set[Requirement] = set()
         waiting = []
-        while self._queue:
-            item = heapq.heappop(self._queue)
-            if not all(f.finished for f in item.upstream):
+        for item in sorted(self._queue, key=_SORT_KEY):
+            requirement = item.requirement
+            if requirement in no_room or not all(f.finished for f in item.upstream):
                 waiting.append(item)
                 continue
-            requirement = Requirement(resources=item.need.resources(), node=item.need.node)
             placement = place(requirement, view, boosts, self.strategy, index=self._index)
             if placement.kind is PlacementKind.queue:
+                no_room.add(requirement)
                 waiting.append(item)
                 continue
             self._dispatch(item, placement, requirement.resources)
             view, boosts = self._view(), self._boost_views()
-        for item in waiting:
-            heapq.heappush(self._queue, item)
+        self._queue = waiting  # sorted by priority, so already a heap
 
     def _dispatch(self, item: _Queued, placement: Placement, need: Resources) -> None:
         options = self._ray_options(placement, need)
@@ -839,7 +848,8 @@ def _rebuild_runner(cls, address, strategy, target, boost_ids, allow_offload, in
 
 
 def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any) -> Any:
-    """Runs in the Ray worker: apply the node's resource mode, then prefect-ray's task body.
+    """Runs in the Ray worker: apply the node's resource mode, then prefect-ray's task body
+    under the worker's cached settings (task_context.py).
 
     ``grid_guard`` is (NodeSpec, GPUs needed): priority is lowered as the mode says, and a
     GPU task waits for the node's throttle and its VRAM cap before it starts (guard.py).
@@ -849,7 +859,14 @@ def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any
 
         node, need_gpu = grid_guard
         guard_task(node, need_gpu, 0)
-    return RayTaskRunner._run_prefect_task(*upstream_refs, **kwargs)
+    context = kwargs.get("context") or {}
+    if not context.get("settings_context"):
+        return RayTaskRunner._run_prefect_task(*upstream_refs, **kwargs)
+    # Prefect would rebuild the settings model for every task; enter the worker's cached one,
+    # and hydrated_context, finding no settings in the context, keeps it.
+    with worker_settings(context["settings_context"]):
+        return RayTaskRunner._run_prefect_task(*upstream_refs, **{**kwargs, "context": {**context,
+                                                                                         "settings_context": {}}})
 
 
 def is_lost_with_node(error: Any) -> bool:

@@ -279,3 +279,77 @@ def test_the_dispatcher_thread_sees_the_prefect_settings_of_the_thread_that_ente
         with runner:
             assert refreshed.wait(timeout=30), "the dispatcher never refreshed"
     assert seen == {"url": grid.api_url, "retries": 4}
+
+
+@task
+def client_retries_seen(i: int) -> int:
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+
+    return PREFECT_CLIENT_MAX_RETRIES.value()
+
+
+def test_tasks_see_the_settings_of_their_own_flow_run(grid):
+    # Settings are serialized once per SettingsContext in the driver and rebuilt once per
+    # distinct settings in each worker (task_context.py): a changed setting must still arrive.
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def report(n: int) -> list[int]:
+        return [f.result(timeout=60) for f in client_retries_seen.map(range(n))]
+
+    seen = []
+    for retries in (7, 9, 7):
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: retries}):
+            seen.append(report(4))
+    assert seen == [[7] * 4, [9] * 4, [7] * 4]
+
+
+def test_the_task_context_is_what_prefect_would_serialize(grid):
+    from uuid import uuid4
+
+    from prefect.context import serialize_context
+
+    from grid_flows.task_context import serialize_task_context
+
+    @flow
+    def compare() -> tuple[dict, dict, bool]:
+        run_id = uuid4()
+        kwargs = {"task": client_retries_seen, "task_run_id": run_id, "task_inputs": {"i": set()},
+                  "copy_to_child_ctx": True}
+        ours, again = serialize_task_context(kwargs), serialize_task_context(kwargs)
+        return ours, serialize_context(asset_ctx_kwargs=kwargs), ours["settings_context"] is again["settings_context"]
+
+    ours, prefects, reused = compare()
+    assert ours == prefects
+    assert ours["settings_context"]["settings"]["api"]["url"] == grid.api_url
+    assert reused
+
+
+@task
+def start_time(i: int, gate: str = "") -> float:
+    """When the task started; with ``gate``, it then holds its slot until that file exists."""
+    started = time.time()
+    deadline = time.monotonic() + 60
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return started
+
+
+def test_queued_tasks_start_by_priority_whatever_order_they_came_in(grid, tmp_path):
+    gate = tmp_path / "all-submitted"
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def queued() -> dict:
+        blocker = start_time.submit(0, gate=str(gate))  # holds the head's only CPU until all are queued
+        with requires(priority="low"):
+            lows = start_time.map(range(1, 4))
+        with requires(priority="high"):
+            highs = start_time.map(range(4, 7))
+        gate.touch()
+        return {"blocker": blocker.result(timeout=60), "low": [f.result(timeout=60) for f in lows],
+                "high": [f.result(timeout=60) for f in highs]}
+
+    got = queued()
+    # One CPU, so one task at a time: every high-priority task starts before any low one.
+    assert got["blocker"] < min(got["high"])
+    assert max(got["high"]) < min(got["low"]), got
