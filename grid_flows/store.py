@@ -17,8 +17,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
-import warnings
+import ssl
 from datetime import datetime
 from typing import Iterable
 from uuid import UUID
@@ -47,6 +49,32 @@ class ClusterNotConfigured(GridError):
 _registered_types: dict[tuple, tuple[UUID, UUID]] = {}
 
 
+@functools.lru_cache(maxsize=4)
+def _tls_context_for(skip_verify: bool, cafile: str) -> ssl.SSLContext:
+    # Prefect's client builds exactly this, from scratch, for every client (loading the CA
+    # bundle costs ~20 ms, a tenth of a grant here); one per process is enough.
+    if skip_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=cafile)
+
+
+def api_client():
+    """``get_client(sync_client=True)``, reusing one TLS context per process (same settings as
+    Prefect's own); inside a flow or task run, the run's client. Use as a context manager."""
+    import certifi
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+
+    if SyncClientContext.get() is not None:
+        return get_client(sync_client=True)
+    context = _tls_context_for(bool(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value()),
+                               PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+    return get_client(sync_client=True, httpx_settings={"verify": context})
+
+
 def _register(block_cls: type) -> tuple[UUID, UUID]:
     """The block's (schema id, type id) on the current server, registering it once per process."""
     from prefect.settings import PREFECT_API_URL
@@ -72,7 +100,7 @@ class BoostStore:
         self._doc_ids: dict[str, UUID] = {}
 
     def __enter__(self) -> "BoostStore":
-        self._client_cm = get_client(sync_client=True)
+        self._client_cm = api_client()
         self._client = self._client_cm.__enter__()
         return self
 
@@ -218,23 +246,28 @@ class BoostStore:
 
     def publish_boosts_table(self, boosts: Iterable[Boost], now: datetime | None = None) -> None:
         """Refresh the ``grid-boosts`` table artifact with the live boosts."""
-        from prefect.artifacts import create_table_artifact
+        from prefect.client.schemas.actions import ArtifactCreate
+        from prefect.utilities.context import get_task_and_flow_run_ids
 
         now = now or utcnow()
         live = [b for b in boosts if not b.state.ended]
         rows = [boost_row(b, now) for b in live] or [{column: "" for column in BOOST_COLUMNS} | {"Boost": "(no live boosts)"}]
         totals = _totals(live)
+        # What prefect.artifacts.create_table_artifact sends (attached to the current run, if
+        # any), through this store's client instead of a new one per artifact.
+        task_run_id, flow_run_id = get_task_and_flow_run_ids()
         try:
-            with warnings.catch_warnings():
-                # Outside a flow run Prefect warns that unattached artifacts are deprecated;
-                # the grid-boosts table is a cluster-wide view, not one run's output.
-                warnings.simplefilter("ignore", FutureWarning)
-                create_table_artifact(
-                    table=rows,
+            self.client.create_artifact(
+                ArtifactCreate(
+                    type="table",
                     key=BOOSTS_ARTIFACT_KEY,
+                    data=json.dumps(rows),
                     description=f"Live grid-flows boosts at {now:%Y-%m-%d %H:%M:%S} UTC. Lent in total: {totals}. "
                     "A boost runs its tasks on the source node, inside a Ray placement group.",
+                    task_run_id=task_run_id,
+                    flow_run_id=flow_run_id,
                 )
+            )
         except Exception as exc:  # the record is durable already; the table is a view
             logger.warning("could not update the %s artifact: %s", BOOSTS_ARTIFACT_KEY, exc)
 

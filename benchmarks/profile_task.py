@@ -1,0 +1,88 @@
+"""Profile what one trivial task costs outside Ray: the driver's context serialization and
+the worker's task body, Prefect's way (prefect-ray) and grid-flows' way (task_context.py).
+
+    .venv/bin/python -m benchmarks.profile_task [TASKS] [--cprofile]
+
+Runs against a local Prefect server with the test cluster's blocks, in one process: the
+"worker" part calls the same functions a Ray worker calls (``RayTaskRunner._run_prefect_task``
+or ``runner._run_guarded_task``) from a plain thread, as a worker does, so cProfile sees
+them. Prints milliseconds per task and, with ``--cprofile``, the top functions of each.
+This is how the runner's hot path was found (BENCHMARKS.md, "Runner overhead").
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import sys
+import threading
+import time
+import uuid
+
+from benchmarks.common import quiet_environment
+
+
+def main(argv: list[str]) -> int:
+    tasks = int(next((a for a in argv if a.isdigit()), "100"))
+    profile = "--cprofile" in argv
+    quiet_environment()
+    from prefect import flow, task
+    from prefect.context import serialize_context
+    from prefect_ray import RayTaskRunner
+
+    from benchmarks import integration as I
+    from grid_flows.runner import _run_guarded_task
+    from grid_flows.task_context import serialize_task_context
+
+    @task
+    def noop(i: int) -> int:
+        return i
+
+    ways = {
+        "prefect-ray": (lambda kw: serialize_context(asset_ctx_kwargs=kw), RayTaskRunner._run_prefect_task),
+        "grid-flows": (serialize_task_context, _run_guarded_task),
+    }
+    rows = []
+    with I.grid():
+        @flow(persist_result=False)
+        def measure() -> None:
+            for name, (serialize, run) in ways.items():
+                ids = [uuid.uuid4() for _ in range(tasks)]
+                t0 = time.perf_counter()
+                contexts = [serialize({"task": noop, "task_run_id": i, "task_inputs": {"i": set()},
+                                       "copy_to_child_ctx": True}) for i in ids]
+                driver_ms = (time.perf_counter() - t0) / tasks * 1000
+                stats: dict = {}
+
+                def worker() -> None:  # outside the flow's context, like a Ray worker thread
+                    profiler = cProfile.Profile() if profile else None
+                    t1 = time.perf_counter()
+                    if profiler:
+                        profiler.enable()
+                    for run_id, context in zip(ids, contexts):
+                        run(task=noop, task_run_id=run_id, parameters={"i": 1}, wait_for=None,
+                            dependencies=None, context=context)
+                    if profiler:
+                        profiler.disable()
+                        out = io.StringIO()
+                        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+                        stats["profile"] = out.getvalue()
+                    stats["ms"] = (time.perf_counter() - t1) / tasks * 1000
+
+                thread = threading.Thread(target=worker)
+                thread.start()
+                thread.join()
+                rows.append((name, driver_ms, stats["ms"]))
+                if profile:
+                    print(f"--- {name}: worker side, top functions by cumulative time\n{stats['profile']}")
+
+        measure()
+    print(f"{'':12} {'driver: serialize ms/task':>26} {'worker: task body ms/task':>26}")
+    for name, driver_ms, worker_ms in rows:
+        print(f"{name:12} {driver_ms:26.1f} {worker_ms:26.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
