@@ -352,6 +352,8 @@ def _remove(boost: Boost) -> None:
         group_id = group.group_id if group else None
     if group_id:
         rc.remove_group(group_id)
+        # Return once the capacity is usable: a request made right after a release must find it.
+        rc.wait_group_freed(group_id)
 
 
 def expire_overdue(store: BoostStore, now: datetime | None = None, boosts: Iterable[Boost] | None = None) -> list[Boost]:
@@ -472,3 +474,4 @@ def release_everything(reason: str) -> None:
             release(boost.id, reason=reason)
     for group in rc.grid_groups().values():
         rc.remove_group(group.group_id)
+        rc.wait_group_freed(group.group_id)

@@ -283,6 +283,21 @@ def remove_group(group_id: str) -> None:
         remove_placement_group(group_handle(group_id))
 
 
+def wait_group_freed(group_id: str, timeout_seconds: float = 2.0) -> bool:
+    """Poll until Ray shows none of a removed group's resources: its bundle is back in the
+    node's pool (removal returns it ~100 ms later), so a request made next can have it."""
+    from ray._private.state import available_resources_per_node
+
+    suffix = f"_group_{group_id}"
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        if not any(key.endswith(suffix) for per_node in available_resources_per_node().values() for key in per_node):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def grid_groups(include_removed: bool = False) -> dict[str, GroupInfo]:
     """Grid placement groups (named ``grid-boost-*``) by name."""
     from ray.util import placement_group_table

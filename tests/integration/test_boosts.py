@@ -81,7 +81,8 @@ def test_release_frees_capacity_and_keeps_the_record(grid):
     boost = request_boost("gpu-master", cpu=2, source="gpu1")
     released = release_boost(boost.id[:10])
     assert released.state is BoostState.released
-    assert rc.wait_for_free("gpu1", boost.resources, timeout_seconds=5)
+    # No waiting here: release returns once Ray shows the capacity free again.
+    assert boost.resources.fits_in(rc.grid_nodes()["gpu1"].lendable_free)
     assert boost.placement_group not in rc.grid_groups()
     again = request_boost("gpu-master", cpu=2, source="gpu1")  # the capacity is usable again
     assert again.state is BoostState.active
