@@ -60,9 +60,10 @@ def main(argv: list[str]) -> int:
                     t1 = time.perf_counter()
                     if profiler:
                         profiler.enable()
-                    for run_id, context in zip(ids, contexts):
-                        run(task=noop, task_run_id=run_id, parameters={"i": 1}, wait_for=None,
-                            dependencies=None, context=context)
+                    for n, (run_id, context) in enumerate(zip(ids, contexts)):
+                        stats.setdefault("results", []).append(
+                            run(task=noop, task_run_id=run_id, parameters={"i": n}, wait_for=None,
+                                dependencies=None, context=context))
                     if profiler:
                         profiler.disable()
                         out = io.StringIO()
@@ -73,6 +74,14 @@ def main(argv: list[str]) -> int:
                 thread = threading.Thread(target=worker)
                 thread.start()
                 thread.join()
+                results = [state.result() for state in stats["results"]]  # the task's state
+                assert results == list(range(tasks)), f"{name}: wrong results {results[:5]}"
+                completed = _completed_runs(ids)  # task run states reach the server as events, a bit later
+                deadline = time.monotonic() + 60
+                while completed < tasks and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    completed = _completed_runs(ids)
+                assert completed == tasks, f"{name}: {completed} of {tasks} task runs Completed in Prefect"
                 rows.append((name, driver_ms, stats["ms"]))
                 if profile:
                     print(f"--- {name}: worker side, top functions by cumulative time\n{stats['profile']}")
@@ -82,6 +91,15 @@ def main(argv: list[str]) -> int:
     for name, driver_ms, worker_ms in rows:
         print(f"{name:12} {driver_ms:26.1f} {worker_ms:26.1f}")
     return 0
+
+
+def _completed_runs(ids: list) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids)), limit=len(ids))
+    return sum(1 for r in runs if r.state and r.state.is_completed())
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ from grid_flows.scheduler import (
     place,
 )
 from grid_flows.settings import RAY_NAMESPACE, prefect_env_for_workers, ray_address
-from grid_flows.task_context import serialize_task_context, worker_settings
+from grid_flows.task_context import serialize_task_context, worker_context
 
 logger = logging.getLogger("grid_flows.runner")
 _REFRESH_SECONDS = 1.0
@@ -825,10 +825,11 @@ class BoostRayTaskRunner(RayTaskRunner):
         try:
             # The flow run context is gone by __exit__: name the run explicitly, so the
             # artifact shows on the flow run's page in the UI.
-            from prefect.client.orchestration import get_client
             from prefect.client.schemas.actions import ArtifactCreate
 
-            with get_client(sync_client=True) as client:
+            from grid_flows.store import api_client
+
+            with api_client() as client:
                 client.create_artifact(
                     ArtifactCreate(
                         key=f"grid-placements-{self._flow_run_id}",
@@ -849,7 +850,7 @@ def _rebuild_runner(cls, address, strategy, target, boost_ids, allow_offload, in
 
 def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any) -> Any:
     """Runs in the Ray worker: apply the node's resource mode, then prefect-ray's task body
-    under the worker's cached settings (task_context.py).
+    under the worker's cached settings and open API client (task_context.py).
 
     ``grid_guard`` is (NodeSpec, GPUs needed): priority is lowered as the mode says, and a
     GPU task waits for the node's throttle and its VRAM cap before it starts (guard.py).
@@ -862,9 +863,9 @@ def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any
     context = kwargs.get("context") or {}
     if not context.get("settings_context"):
         return RayTaskRunner._run_prefect_task(*upstream_refs, **kwargs)
-    # Prefect would rebuild the settings model for every task; enter the worker's cached one,
-    # and hydrated_context, finding no settings in the context, keeps it.
-    with worker_settings(context["settings_context"]):
+    # Prefect would rebuild the settings model and two clients for every task; enter the
+    # worker's cached ones, and hydrated_context, finding no settings in the context, keeps them.
+    with worker_context(context["settings_context"]):
         return RayTaskRunner._run_prefect_task(*upstream_refs, **{**kwargs, "context": {**context,
                                                                                          "settings_context": {}}})
 

@@ -9,38 +9,45 @@ in BENCHMARKS.md, "Runner overhead"):
   which re-runs pydantic-settings' environment, dotenv and TOML sources for each of ~50
   nested models (~30-90 ms per task, most of a trivial task's CPU).
 
+- in the worker, Prefect also builds two API clients per task, each loading the CA bundle
+  (~15 ms) and one checking the server's API version (a request).
+
 The settings are the same for every task of a flow, so the driver serializes each
 ``SettingsContext`` once (``serialize_task_context``) and each worker process rebuilds
-each distinct settings dict once (``worker_settings``); everything else is serialized and
-restored per task, exactly as Prefect does.
+each distinct settings dict once and keeps one open client for it (``worker_context``);
+everything else is serialized and restored per task, exactly as Prefect does.
 
 Example:
     ```python
     # driver
     context = serialize_task_context({"task": task, "task_run_id": run_id,
                                       "task_inputs": inputs, "copy_to_child_ctx": True})
-    # worker: the same settings without rebuilding them, then Prefect's own hydration
-    with worker_settings(context["settings_context"]):
+    # worker: the same settings and an open client, then Prefect's own hydration
+    with worker_context(context["settings_context"]):
         run_task_sync(task, run_id, context={**context, "settings_context": {}}, ...)
     ```
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 from prefect.context import (
     AssetContext,
     EngineContext,
     SettingsContext,
+    SyncClientContext,
     TagsContext,
     TaskRunContext,
     _deployment_id,
     _deployment_parameters,
 )
 
-__all__ = ["serialize_task_context", "worker_settings"]
+__all__ = ["serialize_task_context", "worker_context", "worker_settings"]
 
 _lock = threading.Lock()
 # (SettingsContext, its settings, their serialization). The objects are held, so their ids are
@@ -83,21 +90,61 @@ def serialize_task_context(asset_ctx_kwargs: Optional[dict[str, Any]] = None) ->
 
 
 _WORKER_CACHE_SIZE = 4  # distinct settings (flows with other API URLs, profiles) per worker process
-_worker_cache: list[tuple[dict[str, Any], SettingsContext]] = []  # most recent first
+
+
+@dataclass
+class _WorkerEntry:
+    serialized: dict[str, Any]
+    settings: SettingsContext
+    client: Optional[SyncClientContext] = None  # opened on first use, under these settings
+
+
+_worker_cache: list[_WorkerEntry] = []  # most recent first
+
+
+def _worker_entry(serialized: dict[str, Any]) -> _WorkerEntry:
+    with _lock:
+        for i, entry in enumerate(_worker_cache):
+            if entry.serialized == serialized:
+                if i:
+                    _worker_cache.insert(0, _worker_cache.pop(i))
+                return entry
+        entry = _WorkerEntry(serialized, SettingsContext(**serialized))
+        _worker_cache.insert(0, entry)
+        for old in _worker_cache[_WORKER_CACHE_SIZE:]:
+            if old.client is not None:
+                with contextlib.suppress(Exception):
+                    old.client.client.__exit__(None, None, None)
+        del _worker_cache[_WORKER_CACHE_SIZE:]
+        return entry
 
 
 def worker_settings(serialized: dict[str, Any]) -> SettingsContext:
     """A fresh ``SettingsContext`` to enter, equal to ``SettingsContext(**serialized)``; the
     settings model is built once per distinct ``serialized`` in this process."""
-    with _lock:
-        for i, (known, built) in enumerate(_worker_cache):
-            if known == serialized:
-                if i:
-                    _worker_cache.insert(0, _worker_cache.pop(i))
-                break
-        else:
-            built = SettingsContext(**serialized)
-            _worker_cache.insert(0, (serialized, built))
-            del _worker_cache[_WORKER_CACHE_SIZE:]
+    built = _worker_entry(serialized).settings
     # A context object can be entered once at a time: each task gets its own around the shared models.
     return SettingsContext(profile=built.profile, settings=built.settings)
+
+
+@contextlib.contextmanager
+def worker_context(serialized: dict[str, Any]) -> Iterator[None]:
+    """Run a task under these settings and this process's open API client for them.
+
+    Without it, every task builds a client twice (Prefect's ``hydrated_context`` and its
+    ``SyncClientContext``), each loading the CA bundle (~15 ms) and checking the server's
+    API version (one more request). With it, ``SyncClientContext.get_or_create()`` and
+    ``get_client(sync_client=True)`` inside the task return the open client."""
+    entry = _worker_entry(serialized)
+    with worker_settings(serialized):
+        if entry.client is None:
+            client_context = SyncClientContext()
+            # Open it for good (what entering it does: the version check, the HTTP client); the
+            # context variable it sets lives in a throwaway copy, so nothing leaks into this task.
+            contextvars.copy_context().run(client_context.__enter__)
+            entry.client = client_context
+        token = SyncClientContext.__var__.set(entry.client)
+        try:
+            yield
+        finally:
+            SyncClientContext.__var__.reset(token)

@@ -38,3 +38,27 @@ def test_the_context_can_be_entered_and_restores_the_previous_one():
     with task_context.worker_settings(_serialized(21)):
         assert PREFECT_CLIENT_MAX_RETRIES.value() == 21
     assert SettingsContext.get() is before
+
+
+def test_the_worker_context_keeps_one_open_client_per_settings_and_leaks_no_context():
+    from prefect.client.orchestration import get_client
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED
+
+    def serialized(url: str) -> dict:  # no server here: skip the version check opening a client makes
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED: False}):
+            return SettingsContext.get().serialize()
+
+    first, other = serialized("http://127.0.0.1:9/api"), serialized("http://127.0.0.1:10/api")
+    clients = []
+    for ser in (first, first, other):
+        with task_context.worker_context(ser):
+            # What Prefect's task engine asks for: both reuse the worker's open client.
+            with SyncClientContext.get_or_create() as ctx:
+                assert get_client(sync_client=True) is ctx.client
+                clients.append(ctx.client)
+        assert SyncClientContext.get() is None
+    assert clients[0] is clients[1]
+    assert clients[2] is not clients[0]
+    assert str(clients[0].api_url) == "http://127.0.0.1:9/api/"
+    assert str(clients[2].api_url) == "http://127.0.0.1:10/api/"
