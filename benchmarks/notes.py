@@ -35,11 +35,11 @@ NOTES = """
    stretched to 1.2-1.6x; that measured Ray's worker start-up, not the throttle.)
 6. **Runner overhead**: one flow mapping a trivial task over N inputs, with `BoostRayTaskRunner`
    (local_first, an active 2-CPU boost on gpu1 attached) vs prefect-ray's `RayTaskRunner(address=<the
-   cluster>)` on the same cluster, alternating order, 5 repetitions after one warm-up run each. **N is
-   50 in `make bench`, not the issue's 500:** a Prefect task run costs ~0.2-0.5 s of API work here
-   (3-6 tasks/s for both runners), so N=500 x 2 runners x 5 repetitions takes 15-40 minutes by itself.
-   `.venv/bin/python -m benchmarks.runner_full` runs the issue's size (its result is recorded below,
-   under Findings).
+   cluster>)` on the same cluster, alternating order, 5 repetitions after one 20-task warm-up run each.
+   **N is 200 in `make bench`, not the issue's 500:** the baseline, prefect-ray, runs ~7 trivial tasks/s
+   here, so 500 tasks x 5 repetitions of it alone take 6-7 minutes and `make bench` would take ~18.
+   `.venv/bin/python -m benchmarks.runner_full` runs the issue's size (~10 minutes; its result is
+   recorded below, under Findings), and `GRID_BENCH_RUNNER_TASKS=500 make bench` puts it in the table.
 7. **Priority isolation** (`benchmarks/isolation.py`): a flow of 20 one-second tasks that may run
    only inside a high-priority 2-CPU boost on gpu1 (granted before the flood; node_specific, no
    offload), alone and while a competing Prefect flow in its own process floods gpu1 with plain
@@ -88,37 +88,39 @@ the 100 lenders it rescans every active boost), then pydantic validation of `Res
 already holds the request (a no-victim plan always wins); sum resources as plain floats in
 `held_by_lender` and construct one `Resources` per lender.
 
-### Grant path: ~160-230 ms (with the machine's load), not 60 ms; eight sequential Prefect calls
+### Grant path: ~200 ms (with the machine's load), not 60 ms; seven sequential Prefect calls
 
-Already done: block documents are built directly from the record (Prefect's
-`Block._to_block_document` regenerated the JSON schema ~50 times per write, ~200 ms a grant). What is
-left, per `boosts.request` (timed wrappers; the breakdown under row 3 above), is eight sequential
-Prefect API calls of ~12-36 ms each on this machine: `get_client` (~20 ms, building the HTTP client),
-`load_cluster` (read by name), `expire_overdue`'s `store.list` (read by type), `store.create` (the
-pending record), then under the ledger lock `store.get` (re-read: reconcile may have failed the
-record meanwhile) and `store.save` (active), then `publish_boosts_table` (`store.list` + the
-`grid-boosts` artifact, ~50 ms together). Ray's part (lock, node view, placement group create+ready)
-is ~7 ms. Plan, roughly in order of gain and risk:
+Fixed after profiling: block documents are built directly from the record (Prefect's
+`Block._to_block_document` regenerated the JSON schema ~50 times per write, ~200 ms a grant); the
+TLS context Prefect's client builds (loading the CA bundle, ~20 ms per `BoostStore`) is made once
+per process (`store.api_client`); the `grid-boosts` table goes through the store's open client
+instead of `create_table_artifact` opening another one. What is left, per `boosts.request` (timed
+wrappers; the breakdown under row 3 above), is seven sequential Prefect API calls of ~13-45 ms each
+on this machine: `load_cluster` (read by name), `expire_overdue`'s `store.list` (read by type),
+`store.create` (the pending record), then under the ledger lock `store.get` (re-read: reconcile may
+have failed the record meanwhile) and `store.save` (active), then `store.list` and the `grid-boosts`
+artifact for the UI. Ray's part (lock, node view, placement group create+ready) is ~9 ms. Plan,
+roughly in order of gain and risk:
 - publish the `grid-boosts` table off the critical path (a per-process background publisher that
-  re-lists just before it writes, flushed at exit): -50 ms; the UI then lags the return by that much;
-- one process-wide API client per (process id, API URL), re-created after a fork or a failed call:
-  -20 ms for every `BoostStore` (CLI, runner, flows);
-- build the table from the `expire_overdue` list plus the new record: -12 ms;
+  re-lists just before it writes, flushed at exit): -2 calls, ~35 ms; the UI then lags the return
+  by that much;
 - cache the cluster spec per process and re-read it only when its block document's `updated` changes
-  (needs a cheaper "has it changed" call than the read itself);
+  (needs a cheaper "has it changed" call than the read itself): -1 call;
 - a single write for the grant: create the record as `active` after the group is ready, and have
   reconcile leave groups younger than the grant timeout alone (today the `pending` record is what
-  keeps a concurrent reconcile from removing a group being granted).
-Even then three or four calls at ~20 ms each remain: 60 ms needs a faster store than Prefect blocks on
-a loaded 2-core machine, or granting from a long-lived service that keeps the ledger in memory and
-writes the blocks behind it.
+  keeps a concurrent reconcile from removing a group being granted): -2 calls (create, re-read).
+Even then two or three calls at ~20-40 ms each remain: 60 ms needs a faster store than Prefect
+blocks (SQLite) on a loaded 2-core machine, or granting from a long-lived service that keeps the
+ledger in memory and writes the blocks behind it.
 
 ### Release / expiry: both well inside 1 s
 
-Release costs the lock, two Prefect writes (history create + live delete), the artifact and a list
-before the group is removed; Ray then frees the bundle ~100 ms after removal (the baseline). Expiry on
-a ledger touch adds up to the 100 ms touch interval plus `store.list`. The earlier 1.3 s worst case of
-row 4b (a loaded machine, before the block-document fix) is gone.
+Release takes the lock, reads and saves the record (two Prefect calls), removes the group and waits
+until Ray shows its bundle back in the node's pool (~100 ms after removal, the baseline), then
+publishes the table and the event. `boosts.release` returns only once the capacity is usable: before
+that wait was added, a request made right after a release could find the lend tokens still held and
+fail with NoCapacity (two integration tests were flaky on it). Expiry on a ledger touch adds up to
+the 100 ms touch interval plus `store.list`.
 
 ### Throttle
 
@@ -127,28 +129,37 @@ The throttle hands out slots exactly 50 ms apart when the admissions are concurr
 grows when admissions arrive later than the previous slots run out, i.e. when callers are not
 concurrent. The smallest gap is never under 50 ms.
 
-### Runner overhead
+### Runner overhead: per-task Prefect settings and clients, now made once per worker
 
-Both runners are bound by each task run's Prefect API work (task run create and state transitions
-from the Ray worker, to a SQLite server on a shared 2-core machine); the grid runner's `place()` per
-task is ~10-20 µs. At 50 tasks (the `make bench` row) the per-repetition ratio swings widely (min..max)
-because each flow also starts its Ray worker processes (prefect-ray connects and disconnects Ray per
-flow run), so whichever run meets the slower start-up loses; trust the 500-task run below.
+Profiled with py-spy (the driver, 300 tasks) and cProfile (`benchmarks/profile_task.py`, which calls
+the same per-task functions a Ray worker calls): for a trivial task, both runners spent most of
+their CPU not in Prefect's API calls but around them:
+- the driver serialized the whole Prefect settings model for every task (prefect-ray's
+  `serialize_context`: ~80% of the driver's main thread, ~22 ms a task);
+- the Ray worker rebuilt that settings model from the dict (`SettingsContext(**dict)` re-runs
+  pydantic-settings' environment, dotenv and TOML sources for ~50 nested models) and then built two
+  API clients, each loading the CA bundle, one also checking the server's version: ~90-120 ms a task.
 
-At the issue's size, `.venv/bin/python -m benchmarks.runner_full` (2026-11-23 17:25 UTC, 466 s):
-`BoostRayTaskRunner 43.38 s [40.33..48.69] (12 tasks/s)` vs `prefect-ray RayTaskRunner 39.18 s
-[38.16..46.15] (13 tasks/s)`: ratio **1.108x [0.874..1.243], FAIL** (goal 1.05). What it is made of
-(a one-off diagnostic, 300 tasks x 3 repetitions, same cluster shape): the grid runner with its 3 slots
-(head 1 CPU + a 2-CPU boost) took 28-31 s, prefect-ray with all 7 CPUs 28-29 s, and prefect-ray held
-to 3 slots (`num_cpus=2` per task) 39-41 s. So per slot the grid runner is faster than prefect-ray
-(its tasks never wait in Ray's queue), and the remaining gap is that it submits each task only when
-a slot frees: one driver round trip (dispatcher wake-up, `.options().remote()` with the pickled task
-and context) sits between a task's end and the next start, ~8 ms a task here, where prefect-ray has
-already queued all 500 in Ray. Plan: pipeline one extra task per destination (the target or one of
-the flow's own boosts) into Ray when `place()` says "queue" and the task fits that destination's
-size, accounted separately so the free capacity the scheduler sees never goes negative; a boost's
-stranded-task handling already covers tasks queued in a removed group. Not done: it needs that
-second accounting and tests for its interaction with preemption and node loss.
+`grid_flows/task_context.py` keeps what Prefect sends and restores but does each of these once: the
+driver serializes a `SettingsContext` once (and each task's own context as Prefect does), and each
+worker process builds each distinct settings once and keeps one open client for it, so the task's
+`SyncClientContext` and `get_client()` reuse it. Tests check that tasks still see their own flow
+run's settings and that the context is what Prefect would send. `.venv/bin/python -m
+benchmarks.profile_task 100` (2026-12-03 06:47 UTC), milliseconds per task:
+
+| | driver: serialize | worker: task body (incl. its Prefect API calls) |
+|---|---|---|
+| prefect-ray | 22.9 | 117.0 |
+| grid-flows | 1.2 | 8.0 |
+
+At the issue's size, `.venv/bin/python -m benchmarks.runner_full 500 5` (2026-12-03 06:43 UTC, 591 s,
+the final code): `BoostRayTaskRunner 30.33 s [23.84..34.52] (16 tasks/s)` vs `prefect-ray
+RayTaskRunner 74.41 s [66.27..87.20] (7 tasks/s)`: ratio **0.397x [0.289..0.510], PASS** (goal 1.05).
+Before these fixes the same command gave 1.108x [0.874..1.243] (2026-11-23). The grid runner also
+places a task only when a slot frees (~10-20 µs per `place()`, one driver round trip between a task's
+end and the next start), where prefect-ray queues all tasks in Ray at once; with the per-task Prefect
+work gone that no longer shows. Prefect's own API calls per task run (create, state changes) are
+what remains for both.
 
 ### Priority isolation
 
