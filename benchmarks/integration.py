@@ -371,8 +371,8 @@ def runner_overhead(address: str, n_tasks: int, reps: int = 5) -> Result:
         ratio=ratio.fmt(1, "x", 3),
         goal="wall-time ratio <= 1.05",
         passed=ratio.median <= 1.05,
-        note="per task: Prefect task-run API calls (create run, set states) from the Ray worker + Ray submit. "
-             "prefect-ray also serializes Prefect's settings in the driver (~20 ms) and rebuilds them and two "
+        note="per task: Prefect's task engine in the Ray worker (states, result, events sent in the background) "
+             "+ Ray submit. prefect-ray also serializes Prefect's settings in the driver (~20 ms) and rebuilds them and two "
              "API clients in the worker (~90 ms) for every task; the grid runner does that once per worker "
              "process (task_context.py) and adds one place() per task. Grid runs on 3 CPUs (head + boost), "
              "prefect-ray may use all 7",

@@ -189,7 +189,7 @@ def priority_isolation(address: str, reps: int = 5) -> Result:
         passed=g.median <= 1.15,
         note="the boost's 2 CPUs are a placement-group bundle granted before the flood, so the flood's "
              "tasks (num_cpus=1 on gpu1) only get gpu1's other 2 CPUs; what is shared is the Prefect "
-             "server and the 2 physical cores serving both flows' task-run API calls. prefect-ray's "
+             "server and the 2 physical cores serving both flows' task runs. prefect-ray's "
              "tasks queue in Ray behind the flood's",
     )
 

@@ -36,8 +36,9 @@ NOTES = """
 6. **Runner overhead**: one flow mapping a trivial task over N inputs, with `BoostRayTaskRunner`
    (local_first, an active 2-CPU boost on gpu1 attached) vs prefect-ray's `RayTaskRunner(address=<the
    cluster>)` on the same cluster, alternating order, 5 repetitions after one 20-task warm-up run each.
-   **N is 200 in `make bench`, not the issue's 500:** the baseline, prefect-ray, runs ~7 trivial tasks/s
-   here, so 500 tasks x 5 repetitions of it alone take 6-7 minutes and `make bench` would take ~18.
+   **N is 150 in `make bench`, not the issue's 500:** the baseline, prefect-ray, runs ~7 trivial tasks/s
+   here, so 500 tasks x 5 repetitions of it alone take 6-7 minutes and `make bench` would take ~19
+   (with N=200 it took 14.2 minutes, too close to the 15-minute budget).
    `.venv/bin/python -m benchmarks.runner_full` runs the issue's size (~10 minutes; its result is
    recorded below, under Findings), and `GRID_BENCH_RUNNER_TASKS=500 make bench` puts it in the table.
 7. **Priority isolation** (`benchmarks/isolation.py`): a flow of 20 one-second tasks that may run
@@ -88,18 +89,18 @@ the 100 lenders it rescans every active boost), then pydantic validation of `Res
 already holds the request (a no-victim plan always wins); sum resources as plain floats in
 `held_by_lender` and construct one `Resources` per lender.
 
-### Grant path: ~200 ms (with the machine's load), not 60 ms; seven sequential Prefect calls
+### Grant path: ~180-200 ms (with the machine's load), not 60 ms; eight sequential Prefect calls
 
 Fixed after profiling: block documents are built directly from the record (Prefect's
 `Block._to_block_document` regenerated the JSON schema ~50 times per write, ~200 ms a grant); the
 TLS context Prefect's client builds (loading the CA bundle, ~20 ms per `BoostStore`) is made once
 per process (`store.api_client`); the `grid-boosts` table goes through the store's open client
 instead of `create_table_artifact` opening another one. What is left, per `boosts.request` (timed
-wrappers; the breakdown under row 3 above), is seven sequential Prefect API calls of ~13-45 ms each
+wrappers; the breakdown under row 3 above), is eight sequential Prefect API calls of ~13-45 ms each
 on this machine: `load_cluster` (read by name), `expire_overdue`'s `store.list` (read by type),
 `store.create` (the pending record), then under the ledger lock `store.get` (re-read: reconcile may
-have failed the record meanwhile) and `store.save` (active), then `store.list` and the `grid-boosts`
-artifact for the UI. Ray's part (lock, node view, placement group create+ready) is ~9 ms. Plan,
+have failed the record meanwhile; two reads, the history document first, a 404 here, then the live
+one) and `store.save` (active), then `store.list` and the `grid-boosts` artifact for the UI. Ray's part (lock, node view, placement group create+ready) is ~9 ms. Plan,
 roughly in order of gain and risk:
 - publish the `grid-boosts` table off the critical path (a per-process background publisher that
   re-lists just before it writes, flushed at exit): -2 calls, ~35 ms; the UI then lags the return
@@ -108,16 +109,20 @@ roughly in order of gain and risk:
   (needs a cheaper "has it changed" call than the read itself): -1 call;
 - a single write for the grant: create the record as `active` after the group is ready, and have
   reconcile leave groups younger than the grant timeout alone (today the `pending` record is what
-  keeps a concurrent reconcile from removing a group being granted): -2 calls (create, re-read).
+  keeps a concurrent reconcile from removing a group being granted): -3 calls (create, two re-reads);
+- short of that, read the live document first in that re-read (safe under the ledger lock only if
+  an ended record's history-then-delete move can never be left half done, which a crash can): -1 call.
 Even then two or three calls at ~20-40 ms each remain: 60 ms needs a faster store than Prefect
 blocks (SQLite) on a loaded 2-core machine, or granting from a long-lived service that keeps the
 ledger in memory and writes the blocks behind it.
 
 ### Release / expiry: both well inside 1 s
 
-Release takes the lock, reads and saves the record (two Prefect calls), removes the group and waits
+Release resolves the id (`store.list`), takes the lock, reads the record (two reads, as above) and
+moves it to the history (create + delete), removes the group and waits
 until Ray shows its bundle back in the node's pool (~100 ms after removal, the baseline), then
-publishes the table and the event. `boosts.release` returns only once the capacity is usable: before
+publishes the table and the event. `boosts.release` returns once the capacity is usable (it waits
+up to 2 s, then logs a warning and returns): before
 that wait was added, a request made right after a release could find the lend tokens still held and
 fail with NoCapacity (two integration tests were flaky on it). Expiry on a ledger touch adds up to
 the 100 ms touch interval plus `store.list`.
@@ -133,12 +138,13 @@ concurrent. The smallest gap is never under 50 ms.
 
 Profiled with py-spy (the driver, 300 tasks) and cProfile (`benchmarks/profile_task.py`, which calls
 the same per-task functions a Ray worker calls): for a trivial task, both runners spent most of
-their CPU not in Prefect's API calls but around them:
+their CPU around Prefect's task engine rather than in it (in Prefect 3.8 a task run is created
+locally and its states go to the server as events from a background thread, not as API calls):
 - the driver serialized the whole Prefect settings model for every task (prefect-ray's
   `serialize_context`: ~80% of the driver's main thread, ~22 ms a task);
 - the Ray worker rebuilt that settings model from the dict (`SettingsContext(**dict)` re-runs
   pydantic-settings' environment, dotenv and TOML sources for ~50 nested models) and then built two
-  API clients, each loading the CA bundle, one also checking the server's version: ~90-120 ms a task.
+  API clients, each loading the CA bundle: ~90-120 ms a task.
 
 `grid_flows/task_context.py` keeps what Prefect sends and restores but does each of these once: the
 driver serializes a `SettingsContext` once (and each task's own context as Prefect does), and each
@@ -147,7 +153,7 @@ worker process builds each distinct settings once and keeps one open client for 
 run's settings and that the context is what Prefect would send. `.venv/bin/python -m
 benchmarks.profile_task 100` (2026-12-03 06:47 UTC), milliseconds per task:
 
-| | driver: serialize | worker: task body (incl. its Prefect API calls) |
+| | driver: serialize | worker: task body (Prefect's task engine included) |
 |---|---|---|
 | prefect-ray | 22.9 | 117.0 |
 | grid-flows | 1.2 | 8.0 |
@@ -158,8 +164,8 @@ RayTaskRunner 74.41 s [66.27..87.20] (7 tasks/s)`: ratio **0.397x [0.289..0.510]
 Before these fixes the same command gave 1.108x [0.874..1.243] (2026-11-23). The grid runner also
 places a task only when a slot frees (~10-20 µs per `place()`, one driver round trip between a task's
 end and the next start), where prefect-ray queues all tasks in Ray at once; with the per-task Prefect
-work gone that no longer shows. Prefect's own API calls per task run (create, state changes) are
-what remains for both.
+work gone that no longer shows. Prefect's task engine (states, the result, the events it queues)
+is what remains for both.
 
 ### Priority isolation
 
@@ -167,5 +173,5 @@ The boosted flow's makespan barely moves under the flood (~1.0-1.1x): its boost 
 bundle, so the flood's plain Ray tasks (`num_cpus=1` on gpu1) only ever get gpu1's other 2 CPUs. With
 plain prefect-ray the same 20 tasks compete with the flood's for gpu1's 4 CPUs in Ray's queue: 1.5-2.7x.
 What is still shared in the boosted case is the Prefect server and the machine's 2 cores serving both
-flows' task-run API calls, which is where the remaining few percent come from.
+flows' task runs (their events, the flood's driver), which is where the remaining few percent come from.
 """

@@ -1,6 +1,6 @@
 """Row 6 at the issue's size: a flow of 500 trivial tasks, BoostRayTaskRunner vs prefect-ray.
 
-`make bench` runs the runner benchmark with 200 tasks to stay inside its time budget; this
+`make bench` runs the runner benchmark with 150 tasks to stay inside its time budget; this
 script runs the same benchmark with 500 (about 10 minutes here) and prints the row.
 
     .venv/bin/python -m benchmarks.runner_full [TASKS] [REPETITIONS]

@@ -225,7 +225,7 @@ def _preempt_and_grant(
     ):
         time.sleep(0.1)  # polling Ray's view of the groups, bounded by the grace period
     for victim in victims:
-        _remove(victim)
+        _remove(victim, wait=False)  # the new group, queued first, takes the capacity as it frees
     store.publish_boosts_table(store.list())
     if not group.wait(timeout_seconds=max(5.0, GridSettings().grant_timeout_seconds)):
         rc.remove_group(group.id.hex())
@@ -345,15 +345,17 @@ def _drain(boost: Boost, seconds: float) -> None:
         time.sleep(0.1)
 
 
-def _remove(boost: Boost) -> None:
+def _remove(boost: Boost, wait: bool = True) -> None:
+    """Remove the boost's group; with ``wait``, return once Ray shows its capacity free (up
+    to 2 s), so a request made right after a release finds it."""
     group_id = boost.placement_group_id
     if group_id is None:
         group = rc.grid_groups().get(boost.placement_group)
         group_id = group.group_id if group else None
     if group_id:
         rc.remove_group(group_id)
-        # Return once the capacity is usable: a request made right after a release must find it.
-        rc.wait_group_freed(group_id)
+        if wait:
+            rc.wait_group_freed(group_id)
 
 
 def expire_overdue(store: BoostStore, now: datetime | None = None, boosts: Iterable[Boost] | None = None) -> list[Boost]:

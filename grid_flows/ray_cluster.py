@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from grid_flows.models import (
     Resources,
 )
 from grid_flows.settings import RAY_NAMESPACE, GridSettings, ray_address
+
+logger = logging.getLogger("grid_flows.ray_cluster")
 
 # Small object stores keep a one-machine cluster light (DESIGN.md section 4).
 LOCAL_OBJECT_STORE_BYTES = 78 * 1024**2
@@ -285,15 +288,22 @@ def remove_group(group_id: str) -> None:
 
 def wait_group_freed(group_id: str, timeout_seconds: float = 2.0) -> bool:
     """Poll until Ray shows none of a removed group's resources: its bundle is back in the
-    node's pool (removal returns it ~100 ms later), so a request made next can have it."""
+    node's pool (removal returns it ~100 ms later), so a request made next can have it.
+    False if it is still held after ``timeout_seconds`` or Ray could not be asked."""
     from ray._private.state import available_resources_per_node
 
     suffix = f"_group_{group_id}"
     deadline = time.monotonic() + timeout_seconds
     while True:
-        if not any(key.endswith(suffix) for per_node in available_resources_per_node().values() for key in per_node):
+        try:
+            per_node = available_resources_per_node()
+        except Exception as exc:  # the group is removed either way; only the wait is lost
+            logger.warning("could not check that placement group %s freed its capacity: %s", group_id, exc)
+            return False
+        if not any(key.endswith(suffix) for resources in per_node.values() for key in resources):
             return True
         if time.monotonic() >= deadline:
+            logger.warning("placement group %s still holds capacity %.1f s after removal", group_id, timeout_seconds)
             return False
         time.sleep(0.02)
 

@@ -7,15 +7,16 @@ in BENCHMARKS.md, "Runner overhead"):
   every task (~20-50 ms of CPU; 80% of the driver's main thread in a 300-task flow);
 - in the Ray worker, ``hydrated_context`` rebuilds it with ``SettingsContext(**dict)``,
   which re-runs pydantic-settings' environment, dotenv and TOML sources for each of ~50
-  nested models (~30-90 ms per task, most of a trivial task's CPU).
-
+  nested models (~30-90 ms per task, most of a trivial task's CPU);
 - in the worker, Prefect also builds two API clients per task, each loading the CA bundle
-  (~15 ms) and one checking the server's API version (a request).
+  (~15 ms).
 
 The settings are the same for every task of a flow, so the driver serializes each
 ``SettingsContext`` once (``serialize_task_context``) and each worker process rebuilds
 each distinct settings dict once and keeps one open client for it (``worker_context``);
-everything else is serialized and restored per task, exactly as Prefect does.
+everything else is serialized and restored per task, exactly as Prefect does. (So a
+worker no longer re-reads its own environment, .env or profiles.toml for every task: the
+driver's settings, which the task carries, win either way.)
 
 Example:
     ```python
@@ -100,31 +101,49 @@ class _WorkerEntry:
 
 
 _worker_cache: list[_WorkerEntry] = []  # most recent first
+# An evicted entry's client is not closed: a task in another thread may still hold it, and
+# garbage collection closes its connections once nothing does.
 
 
 def _worker_entry(serialized: dict[str, Any]) -> _WorkerEntry:
     with _lock:
         for i, entry in enumerate(_worker_cache):
-            if entry.serialized == serialized:
+            if entry.serialized is serialized or entry.serialized == serialized:
                 if i:
                     _worker_cache.insert(0, _worker_cache.pop(i))
                 return entry
         entry = _WorkerEntry(serialized, SettingsContext(**serialized))
         _worker_cache.insert(0, entry)
-        for old in _worker_cache[_WORKER_CACHE_SIZE:]:
-            if old.client is not None:
-                with contextlib.suppress(Exception):
-                    old.client.client.__exit__(None, None, None)
         del _worker_cache[_WORKER_CACHE_SIZE:]
         return entry
+
+
+def _fresh_settings_context(entry: _WorkerEntry) -> SettingsContext:
+    # A context object can be entered once at a time: each task gets its own around the shared models.
+    return SettingsContext(profile=entry.settings.profile, settings=entry.settings.settings)
 
 
 def worker_settings(serialized: dict[str, Any]) -> SettingsContext:
     """A fresh ``SettingsContext`` to enter, equal to ``SettingsContext(**serialized)``; the
     settings model is built once per distinct ``serialized`` in this process."""
-    built = _worker_entry(serialized).settings
-    # A context object can be entered once at a time: each task gets its own around the shared models.
-    return SettingsContext(profile=built.profile, settings=built.settings)
+    return _fresh_settings_context(_worker_entry(serialized))
+
+
+def _open_client(entry: _WorkerEntry) -> SyncClientContext:
+    with _lock:  # one client per entry, even if tasks of one worker run in threads
+        if entry.client is None:
+            client_context = SyncClientContext()
+            # Open it for good (what entering it does: build the HTTP client, and Prefect's
+            # once-per-process server version check); the context variable it sets lives in a
+            # throwaway copy, so nothing leaks into the task.
+            try:
+                contextvars.copy_context().run(client_context.__enter__)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    client_context.client.__exit__(None, None, None)
+                raise
+            entry.client = client_context
+        return entry.client
 
 
 @contextlib.contextmanager
@@ -132,18 +151,12 @@ def worker_context(serialized: dict[str, Any]) -> Iterator[None]:
     """Run a task under these settings and this process's open API client for them.
 
     Without it, every task builds a client twice (Prefect's ``hydrated_context`` and its
-    ``SyncClientContext``), each loading the CA bundle (~15 ms) and checking the server's
-    API version (one more request). With it, ``SyncClientContext.get_or_create()`` and
-    ``get_client(sync_client=True)`` inside the task return the open client."""
+    ``SyncClientContext``), each loading the CA bundle (~15 ms). With it,
+    ``SyncClientContext.get_or_create()`` and ``get_client(sync_client=True)`` inside a sync
+    task return the open client (an async task still builds its own async client)."""
     entry = _worker_entry(serialized)
-    with worker_settings(serialized):
-        if entry.client is None:
-            client_context = SyncClientContext()
-            # Open it for good (what entering it does: the version check, the HTTP client); the
-            # context variable it sets lives in a throwaway copy, so nothing leaks into this task.
-            contextvars.copy_context().run(client_context.__enter__)
-            entry.client = client_context
-        token = SyncClientContext.__var__.set(entry.client)
+    with _fresh_settings_context(entry):
+        token = SyncClientContext.__var__.set(_open_client(entry))
         try:
             yield
         finally:
