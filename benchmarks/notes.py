@@ -151,16 +151,16 @@ driver serializes a `SettingsContext` once (and each task's own context as Prefe
 worker process builds each distinct settings once and keeps one open client for it, so the task's
 `SyncClientContext` and `get_client()` reuse it. Tests check that tasks still see their own flow
 run's settings and that the context is what Prefect would send. `.venv/bin/python -m
-benchmarks.profile_task 100` (2026-12-03 06:47 UTC), milliseconds per task:
+benchmarks.profile_task 100` (2026-12-03 07:21 UTC), milliseconds per task:
 
 | | driver: serialize | worker: task body (Prefect's task engine included) |
 |---|---|---|
-| prefect-ray | 22.9 | 117.0 |
-| grid-flows | 1.2 | 8.0 |
+| prefect-ray | 35.5 | 126.2 |
+| grid-flows | 1.3 | 9.0 |
 
-At the issue's size, `.venv/bin/python -m benchmarks.runner_full 500 5` (2026-12-03 06:43 UTC, 591 s,
-the final code): `BoostRayTaskRunner 30.33 s [23.84..34.52] (16 tasks/s)` vs `prefect-ray
-RayTaskRunner 74.41 s [66.27..87.20] (7 tasks/s)`: ratio **0.397x [0.289..0.510], PASS** (goal 1.05).
+At the issue's size, `.venv/bin/python -m benchmarks.runner_full 500 5` (2026-12-03 07:20 UTC, 574 s,
+the final code): `BoostRayTaskRunner 34.38 s [26.32..37.67] (15 tasks/s)` vs `prefect-ray
+RayTaskRunner 77.28 s [62.29..93.83] (6 tasks/s)`: ratio **0.422x [0.355..0.605], PASS** (goal 1.05).
 Before these fixes the same command gave 1.108x [0.874..1.243] (2026-11-23). The grid runner also
 places a task only when a slot frees (~10-20 µs per `place()`, one driver round trip between a task's
 end and the next start), where prefect-ray queues all tasks in Ray at once; with the per-task Prefect
