@@ -151,12 +151,13 @@ driver serializes a `SettingsContext` once (and each task's own context as Prefe
 worker process builds each distinct settings once and keeps one open client for it, so the task's
 `SyncClientContext` and `get_client()` reuse it. Tests check that tasks still see their own flow
 run's settings and that the context is what Prefect would send. `.venv/bin/python -m
-benchmarks.profile_task 100` (2026-12-03 07:21 UTC), milliseconds per task:
+benchmarks.profile_task 100` (2026-12-03 07:47 UTC; 5 untimed tasks each way first, each task
+with its own copy of the settings dict as in Ray), milliseconds per task:
 
 | | driver: serialize | worker: task body (Prefect's task engine included) |
 |---|---|---|
-| prefect-ray | 35.5 | 126.2 |
-| grid-flows | 1.3 | 9.0 |
+| prefect-ray | 27.8 | 110.8 |
+| grid-flows | 1.0 | 6.2 |
 
 At the issue's size, `.venv/bin/python -m benchmarks.runner_full 500 5` (2026-12-03 07:20 UTC, 574 s,
 the final code): `BoostRayTaskRunner 34.38 s [26.32..37.67] (15 tasks/s)` vs `prefect-ray
