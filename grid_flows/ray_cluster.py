@@ -264,15 +264,22 @@ def create_boost_group(name: str, source: str, resources: Resources, timeout_sec
     return None
 
 
-def group_idle(group_id: str, bundle: dict[str, float]) -> bool:
-    """True when no task holds any of the group's resources (every amount is available)."""
+def _group_available(group_id: str) -> dict[str, float]:
+    """The group's resources Ray shows available, by plain name; empty once the group is gone."""
     from ray._private.state import available_resources_per_node
 
+    suffix = f"_group_{group_id}"
     available: dict[str, float] = {}
     for per_node in available_resources_per_node().values():
         for key, value in per_node.items():
-            if key.endswith(f"_group_{group_id}"):
-                available[key[: -len(f"_group_{group_id}")]] = value
+            if key.endswith(suffix):
+                available[key[: -len(suffix)]] = value
+    return available
+
+
+def group_idle(group_id: str, bundle: dict[str, float]) -> bool:
+    """True when no task holds any of the group's resources (every amount is available)."""
+    available = _group_available(group_id)
     if not available:
         return True  # the group is gone or was never placed: nothing runs in it
     return all(available.get(k, 0.0) >= v - 1e-9 for k, v in bundle.items())
@@ -290,17 +297,14 @@ def wait_group_freed(group_id: str, timeout_seconds: float = 2.0) -> bool:
     """Poll until Ray shows none of a removed group's resources: its bundle is back in the
     node's pool (removal returns it ~100 ms later), so a request made next can have it.
     False if it is still held after ``timeout_seconds`` or Ray could not be asked."""
-    from ray._private.state import available_resources_per_node
-
-    suffix = f"_group_{group_id}"
     deadline = time.monotonic() + timeout_seconds
     while True:
         try:
-            per_node = available_resources_per_node()
+            held = _group_available(group_id)
         except Exception as exc:  # the group is removed either way; only the wait is lost
             logger.warning("could not check that placement group %s freed its capacity: %s", group_id, exc)
             return False
-        if not any(key.endswith(suffix) for resources in per_node.values() for key in resources):
+        if not held:
             return True
         if time.monotonic() >= deadline:
             logger.warning("placement group %s still holds capacity %.1f s after removal", group_id, timeout_seconds)
