@@ -229,6 +229,13 @@ class NodeSpec(Strict):
     mode_overrides: ModeOverrides = Field(default_factory=ModeOverrides)
     tags: list[str] = Field(default_factory=list)
     address: Optional[str] = Field(None, description="host or IP, for documentation and `grid node ray-args`")
+    allow_offload_commands: bool = Field(
+        False, description="whether `grid offload run` / the grid-offload flow may start commands on this node"
+    )
+    offload_commands: list[str] = Field(
+        default_factory=list,
+        description="when not empty, the only executables offloaded commands may start here (names or paths)",
+    )
 
     @field_validator("name")
     @classmethod
