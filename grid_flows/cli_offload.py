@@ -8,7 +8,10 @@ Example:
     $ grid node limits gpu1
     ```
 
-``run`` exits with the command's exit code (124 when it timed out, 2 for user errors).
+``run`` exits with the command's exit code (124 when it timed out, 126/127 when it could not
+be executed, 2 for user errors, among them a node whose ``allow_offload_commands`` is
+false). ``--secret-env KEY=BLOCK`` passes the value of a Prefect ``Secret`` block; ``--env``
+values are stored in the flow run's parameters.
 """
 
 from __future__ import annotations
@@ -40,37 +43,40 @@ def offload_run(
     gpu: str = typer.Option("0", "--gpu", help="GPUs the command needs."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory, e.g. 4GiB (a scheduling number)."),
     priority: str = typer.Option("normal", "--priority", help="Priority of a boost if one is needed."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds; then the process group is killed."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds; then its processes are killed."),
     cwd: Optional[str] = typer.Option(None, "--cwd", help="Working directory on the node (absolute)."),
-    env: List[str] = typer.Option([], "--env", help="KEY=VALUE added to the minimal environment; repeatable."),
+    env: List[str] = typer.Option(
+        [], "--env", help="KEY=VALUE added to the minimal environment; repeatable. Values are stored in the flow "
+                          "run's parameters; use --secret-env for secrets."),
+    secret_env: List[str] = typer.Option(
+        [], "--secret-env", help="KEY=BLOCK: set KEY to the value of the Prefect Secret block BLOCK, loaded inside "
+                                 "the run (only the block name is stored); repeatable."),
     strategy: str = typer.Option("local_first", "--strategy", help="Placement strategy."),
     use_boost: str = typer.Option("auto", "--boost", help="auto, always or never."),
 ) -> None:
-    """Run CMD ARGS... on the best node: `grid offload run --cpu 2 -- python train.py`."""
-    from grid_flows.boosts import parse_priority
-    from grid_flows.flows.offload import OffloadFailed, _resources, offload, validate_command
+    """Run CMD ARGS... on the best node: `grid offload run --cpu 2 -- python train.py`.
+
+    Only nodes with `allow_offload_commands: true` (off by default) run commands.
+    """
+    from grid_flows.flows.offload import OffloadFailed, check_request, offload
     from grid_flows.scheduler import Strategy
 
-    argv = validate_command(list(command))
-    needs = _resources(cpu, gpu, memory)
-    parse_priority(priority)
-    try:
-        Strategy.parse(strategy)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
     if timeout is not None and not timeout > 0:
         raise InvalidRequest(f"--timeout must be greater than zero, got {timeout:g}")
     if cwd is not None and not os.path.isabs(cwd):
         raise InvalidRequest(f"--cwd must be an absolute path (it is used on the node), got {cwd!r}")
-    env_vars = {}
-    for item in env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"--env: expected KEY=VALUE, got {item!r}")
-        env_vars[key] = value
+    env_vars = parse_assignments(env, "--env")
+    secrets = parse_assignments(secret_env, "--secret-env")
+    argv, env_vars, secrets, needs = check_request(
+        list(command), env_vars, secrets, cpu=cpu, gpu=gpu, memory=memory, use_boost=use_boost,
+        timeout_seconds=timeout, cwd=cwd, priority=priority)
+    try:
+        Strategy.parse(strategy)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
     state = offload(command=argv, node=node, cpu=needs.cpu, gpu=needs.gpu, memory=needs.memory or None, priority=priority,
                     timeout_seconds=timeout, cwd=cwd, env=env_vars, strategy=strategy, use_boost=use_boost,
-                    return_state=True)
+                    secret_env=secrets or None, return_state=True)
     if state.is_completed():
         return
     if state.is_cancelled():
@@ -79,6 +85,20 @@ def offload_run(
     if isinstance(exc, BaseException):
         raise exc
     raise OffloadFailed(state.message or "the offload run failed", 1)
+
+
+def parse_assignments(items: List[str], option: str) -> dict[str, str]:
+    """``["K=V", ...]`` as a dict (the last of a repeated KEY wins); InvalidRequest naming the
+    option, never a value."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidRequest(f"{option}: expected KEY=VALUE, got {item!r}")  # no '=': no value to hide
+        if not key:
+            raise InvalidRequest(f"{option}: expected KEY=VALUE, got an empty KEY")
+        out[key] = value
+    return out
 
 
 @offload_app.command("scan")

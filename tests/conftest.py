@@ -38,6 +38,7 @@ TEST_CLUSTER = {
             "gpu_count": 1,
             "memory_gb": 8,
             "mode": "conservative",
+            "allow_offload_commands": True,  # off by default: the grid-offload flow may start commands here
             "resource_sharing": {
                 "can_share": True,
                 "max_share_cpu": 2,
@@ -51,6 +52,7 @@ TEST_CLUSTER = {
             "role": "worker",
             "cpu_count": 2,
             "memory_gb": 4,
+            "allow_offload_commands": True,  # off by default; the head leaves it off and runs no offloaded command
             "resource_sharing": {"can_share": True, "max_share_cpu": 1, "max_share_memory_gb": 2, "priority": 2},
         },
     ],

@@ -1,13 +1,19 @@
 """`grid offload run` on the real cluster and server: output in the run logs, exit codes as
-states, timeouts that kill the whole process group, arguments that never meet a shell,
-and the lender's resource mode on the child process."""
+states, timeouts and cancellations that kill the whole process tree (also what left with
+setsid), arguments that never meet a shell, the lender's resource mode on the child
+process, the per-node opt-in and allow-list, hostile input, and secrets from Secret blocks.
+
+The test cluster's lenders set ``allow_offload_commands: true``; the head does not, so
+commands run on the lenders unless a test says otherwise."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -20,6 +26,34 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 PY = sys.executable
 
 
+@contextmanager
+def nodes_changed(grid, **changes):
+    """The cluster block with some nodes' fields changed meanwhile (``gpu1={...}``)."""
+    spec = grid.spec
+    data = spec.model_dump(mode="json")
+    for node in data["nodes"]:
+        node.update(changes.get(node["name"], {}))
+    with BoostStore() as store:
+        store.save_cluster(type(spec).model_validate(data))
+    try:
+        yield
+    finally:
+        with BoostStore() as store:
+            store.save_cluster(spec)
+
+
+def no_ray(monkeypatch) -> list:
+    """Record (and refuse) any attempt of the offload flow to submit work to Ray."""
+    import grid_flows.flows.offload as flow_module
+
+    calls: list = []
+
+    def refuse():
+        calls.append("submitted")
+        raise RuntimeError("the offload flow submitted work to Ray")
+
+    monkeypatch.setattr(flow_module, "_remote_functions", refuse)
+    return calls
 
 
 def run_of(marker: str, wait_for: str | None = None, timeout: float = 30.0):
@@ -73,11 +107,14 @@ def test_output_streams_into_the_run_logs_and_exit_0_completes(grid, capsys):
     for i in range(3):
         assert f"line {i} {marker}" in messages
     assert f"[stderr] warn {marker}" in messages
-    assert any(m.startswith("placement: target on gpu-master") for m in messages), messages
+    # the head has room but does not allow offload commands: a lender runs it
+    (placed,) = [m for m in messages if m.startswith("placement: ")]
+    assert placed.startswith("placement: offload on gpu"), placed
+    assert "target gpu-master does not allow offload commands" in placed
     from prefect.artifacts import Artifact
 
     artifact = Artifact.get(f"grid-offload-{run.id}")
-    assert artifact is not None and "gpu-master" in artifact.data and "exit code | 0" in artifact.data
+    assert artifact is not None and "| node | gpu" in artifact.data and "exit code | 0" in artifact.data
 
 
 def test_exit_code_becomes_the_state_and_the_cli_code(grid, capsys):
@@ -103,33 +140,76 @@ def test_shell_metacharacters_arrive_unchanged(grid, capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no `y` written: no shell ever saw the arguments
 
 
-def test_timeout_kills_the_whole_process_group(grid, capsys, tmp_path):
+# Writes [[pid, create_time], ...] of the leader, a child, a child that left with setsid and the
+# orphan of a double fork (its middle process exits at once), then sleeps. Output file: PIDS.
+TREE = (
+    "import json, os, subprocess, sys, time, psutil\n"
+    "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "away = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+    "r, w = os.pipe()\n"
+    "middle = os.fork()\n"
+    "if middle == 0:\n"
+    "    os.setsid()\n"
+    "    o = subprocess.Popen(['sleep', '300'])\n"
+    "    os.write(w, str(o.pid).encode()); os._exit(0)\n"
+    "os.waitpid(middle, 0)\n"
+    "pids = [os.getpid(), g.pid, away.pid, int(os.read(r, 32))]\n"
+    "data = [[p, psutil.Process(p).create_time()] for p in pids]\n"
+    "open(PIDS + '.tmp', 'w').write(json.dumps(data)); os.rename(PIDS + '.tmp', PIDS)\n"
+    "print(MARKER, 'ready', os.getpgid(0), flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def tree_script(pids_file, marker: str) -> str:
+    return f"PIDS = {str(pids_file)!r}; MARKER = {marker!r}\n" + TREE
+
+
+def test_timeout_kills_the_whole_process_tree(grid, capsys, tmp_path):
     pids = tmp_path / "pids.json"
-    child = (
-        "import json, os, subprocess, sys, time\n"
-        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-        f"open({str(pids)!r}, 'w').write(json.dumps([os.getpid(), os.getpgid(0), g.pid]))\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(600)\n"
-    )
+    marker = uuid.uuid4().hex[:8]
     started = time.monotonic()
-    code, out, err = grid_cli(capsys, "offload", "run", "--timeout", "3", "--cwd", str(tmp_path), "--",
-                              PY, "-c", child)
-    assert code == 124, err
-    assert "timed out after 3 s" in err
-    assert time.monotonic() - started < 60
-    leader, pgid, grandchild = json.loads(pids.read_text())
-    assert pgid == leader  # its own session and process group
-    for pid in (leader, grandchild):
-        assert not _alive(pid), f"{pid} survived"
-    assert not any(p.info["pid"] in (leader, grandchild) for p in psutil.process_iter(["pid"]))
-
-
-def _alive(pid: int) -> bool:
+    code, out, err = grid_cli(capsys, "offload", "run", "--timeout", "5", "--cwd", str(tmp_path), "--",
+                              PY, "-c", tree_script(pids, marker))
+    procs = json.loads(pids.read_text())
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE or psutil.pid_exists(pid)
-    except psutil.NoSuchProcess:
-        return False
+        assert code == 124, err
+        assert "timed out after 5 s" in err
+        assert time.monotonic() - started < 90
+        _, messages = run_of(marker, wait_for=f"{marker} ready")
+        (ready,) = [m for m in messages if m.startswith(f"{marker} ready")]
+        assert int(ready.split()[-1]) == procs[0][0]  # its own session and process group
+        assert _still_running(procs) == []
+    finally:
+        _kill_all(procs)
+
+
+def _still_running(procs, timeout: float = 15.0) -> list:
+    """Of ``[[pid, create_time], ...]``, those still running (not zombies) after up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid, created in procs:
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - created) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)  # polling the kernel's view, bounded by the deadline
+
+
+def _kill_all(procs) -> None:
+    """Never leave sleepers behind, even when a test failed."""
+    for pid, created in procs:
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 0.01:
+                p.kill()
+        except psutil.Error:
+            pass
 
 
 def test_command_on_gpu1_runs_under_its_conservative_mode(grid, capsys):
@@ -192,7 +272,7 @@ def test_scan_and_limits_run_on_the_node(grid, capsys):
     assert "conservative" in out and "nice 10" in out and "no GPU" in out
 
 
-def test_cancelling_the_run_kills_the_process_group(grid, tmp_path):
+def test_cancelling_the_run_kills_the_whole_process_tree(grid, tmp_path):
     import threading
 
     from prefect.client.orchestration import get_client
@@ -202,33 +282,116 @@ def test_cancelling_the_run_kills_the_process_group(grid, tmp_path):
 
     marker = uuid.uuid4().hex[:8]
     pids = tmp_path / "pids.json"
-    child = (
-        "import json, os, subprocess, sys, time\n"
-        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-        f"open({str(pids)!r} + '.tmp', 'w').write(json.dumps([os.getpid(), g.pid]))\n"
-        f"os.rename({str(pids)!r} + '.tmp', {str(pids)!r})\n"
-        f"print('{marker} ready', flush=True)\n"
-        "time.sleep(600)\n"
-    )
     states = []
     runner = threading.Thread(
-        target=lambda: states.append(offload(command=[PY, "-c", child], cwd=str(tmp_path), grace_seconds=2,
-                                             return_state=True)),
+        target=lambda: states.append(offload(command=[PY, "-c", tree_script(pids, marker)], cwd=str(tmp_path),
+                                             grace_seconds=2, return_state=True)),
         daemon=True,
     )
     runner.start()
     run = None
+    procs = []
     try:
         run, messages = run_of(marker, wait_for=f"{marker} ready", timeout=120)
-        assert f"{marker} ready" in messages
-        leader, grandchild = json.loads(pids.read_text())
-        assert _alive(leader) and _alive(grandchild)
+        assert any(m.startswith(f"{marker} ready") for m in messages)
+        procs = json.loads(pids.read_text())
+        assert _still_running(procs, timeout=0) == [p for p, _ in procs]
     finally:  # even when an assertion failed: never leave the run (and its sleepers) behind
         if run is not None:
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(run.id, Cancelling(), force=True)
         runner.join(timeout=90)
-    assert not runner.is_alive()
-    assert states and states[0].is_cancelled(), states
-    for pid in (leader, grandchild):
-        assert not _alive(pid), f"{pid} survived"
+        try:
+            assert not runner.is_alive()
+            assert states and states[0].is_cancelled(), states
+            assert _still_running(procs) == []
+        finally:
+            _kill_all(procs)
+
+
+def test_a_node_must_opt_in_to_run_commands(grid, capsys, tmp_path, monkeypatch):
+    calls = no_ray(monkeypatch)
+    flag = tmp_path / "ran"
+    code, out, err = grid_cli(capsys, "offload", "run", "--node", "gpu-master", "--",
+                              PY, "-c", f"open({str(flag)!r}, 'w')")
+    assert code == 2, err
+    assert "node 'gpu-master' does not allow offload commands: set allow_offload_commands: true" in err
+    assert "Traceback" not in err + out
+    with nodes_changed(grid, gpu1={"allow_offload_commands": False}, gpu2={"allow_offload_commands": False}):
+        code, out, err = grid_cli(capsys, "offload", "run", "--", PY, "-c", f"open({str(flag)!r}, 'w')")
+    assert code == 2, err
+    assert "no node allows offload commands" in err and "Traceback" not in err + out
+    assert calls == [] and not flag.exists()  # refused before anything went to Ray
+
+
+def test_offload_commands_allow_list(grid, capsys, monkeypatch):
+    marker = uuid.uuid4().hex[:8]
+    with nodes_changed(grid, gpu1={"offload_commands": [os.path.realpath(PY)]}, gpu2={"offload_commands": ["python3"]}):
+        # a path entry: argv[0] is resolved on the node (PY may be a symlink to it)
+        code, out, err = grid_cli(capsys, "offload", "run", "--node", "gpu1", "--", PY, "-c", f"print('{marker}')")
+        assert code == 0, err
+        assert marker in run_of(marker)[1]
+        code, out, err = grid_cli(capsys, "offload", "run", "--node", "gpu1", "--", "/bin/echo", marker)
+        assert code == 2, err  # refused on the node, before the start
+        assert "node 'gpu1' does not allow running '/bin/echo'" in err and "Traceback" not in err + out
+        calls = no_ray(monkeypatch)  # bare names only: refused before Ray
+        code, out, err = grid_cli(capsys, "offload", "run", "--node", "gpu2", "--", "/bin/echo", marker)
+        assert code == 2, err
+        assert "node 'gpu2' does not allow running '/bin/echo': its offload_commands are python3" in err
+        assert calls == []
+
+
+def test_a_script_without_a_shebang_line_fails_in_one_line(grid, capsys, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text("echo hi\n")
+    script.chmod(0o755)
+    code, out, err = grid_cli(capsys, "offload", "run", "--cwd", str(tmp_path), "--", "./job.sh")
+    assert code == 126, err
+    assert "cannot execute ./job.sh: not an executable or no shebang line" in err
+    assert "Traceback" not in err + out and "RayTaskError" not in err + out
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"command": [PY, "-c", "pass"], "env": {"A=B": "1"}}, "env: variable name 'A=B' must not hold '='"),
+        ({"command": [PY, "-c", "pass"], "env": {"": "1"}}, "env: variable names must be non-empty"),
+        ({"command": [PY, "-c", "pass"], "env": {"K": "a\0b"}}, "env: the value of K holds a NUL byte"),
+        ({"command": [PY, "-c", "a\0b"]}, "command: argument 2 holds a NUL byte"),
+    ],
+)
+def test_hostile_input_fails_the_run_in_one_line(grid, monkeypatch, kwargs, message):
+    from grid_flows.flows.offload import offload
+
+    calls = no_ray(monkeypatch)
+    state = offload(**kwargs, return_state=True)
+    assert state.is_failed()
+    assert message in state.message and "\n" not in state.message
+    assert calls == []
+
+
+def test_secret_env_reaches_the_child_only(grid, capsys):
+    import hashlib
+
+    from prefect.artifacts import Artifact
+    from prefect.blocks.system import Secret
+
+    value = "s3cr3t-" + uuid.uuid4().hex
+    block = "grid-test-" + uuid.uuid4().hex[:8]
+    Secret(value=value).save(block)
+    marker = uuid.uuid4().hex[:8]
+    code, out, err = grid_cli(
+        capsys, "offload", "run", "--secret-env", f"TOKEN={block}", "--env", "PLAIN=1", "--", PY, "-c",
+        f"import hashlib, os; print('{marker}', hashlib.sha256(os.environ['TOKEN'].encode()).hexdigest(), "
+        "os.environ['PLAIN'])")
+    assert code == 0, err
+    run, messages = run_of(marker)
+    assert f"{marker} {hashlib.sha256(value.encode()).hexdigest()} 1" in messages
+    assert run.parameters["secret_env"] == {"TOKEN": block} and run.parameters["env"] == {"PLAIN": "1"}
+    assert value not in json.dumps(run.parameters)
+    assert not any(value in m for m in messages) and value not in out + err
+    assert value not in Artifact.get(f"grid-offload-{run.id}").data
+    code, out, err = grid_cli(capsys, "offload", "run", "--secret-env", "TOKEN=no-such-block-xyz", "--", "true")
+    assert code == 2, err
+    assert "secret_env: no Secret block named 'no-such-block-xyz' (for TOKEN)" in err
+    assert "Traceback" not in err + out
