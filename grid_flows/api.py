@@ -29,7 +29,7 @@ def request_boost(
     gpu: float = 0,
     memory: str | int | None = None,
     priority: str | Priority = "normal",
-    duration: str | float | None = 3600,
+    duration: str | float | None = None,
     source: str | None = None,
     address: str | None = None,
 ) -> Boost:

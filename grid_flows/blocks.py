@@ -89,6 +89,7 @@ class GridBoost(Block):
     ended_at: Optional[datetime] = None
     reason: str = ""
     origin: str = "api"
+    requested_by: str = Field("", description="Who asked: the flow run, or user@host for the CLI and Python API.")
 
     @classmethod
     def from_boost(cls, boost: Boost) -> "GridBoost":

@@ -42,6 +42,8 @@ from grid_flows.store import BoostStore
 from grid_flows.units import format_duration, parse_duration
 
 logger = logging.getLogger("grid_flows.boosts")
+MIN_UNIT_AMOUNT = 0.001  # CPU or GPU
+MIN_MEMORY_BYTES = 1024**2
 
 
 def parse_priority(value: str | Priority) -> Priority:
@@ -59,6 +61,13 @@ def parse_request_resources(cpu: float | str = 0, gpu: float | str = 0, memory: 
         raise InvalidRequest(str(exc)) from None
     if resources.is_zero():
         raise InvalidRequest("a boost must ask for some cpu, gpu or memory (all were zero)")
+    # Lend tokens count thousandths of a CPU/GPU and whole MiB: a smaller amount cannot be held.
+    for what, amount in (("cpu", resources.cpu), ("gpu", resources.gpu)):
+        if 0 < amount < MIN_UNIT_AMOUNT:
+            raise InvalidRequest(f"{what}: {amount:g} is below the smallest amount a boost can hold ({MIN_UNIT_AMOUNT:g})")
+    if 0 < resources.memory < MIN_MEMORY_BYTES:
+        raise InvalidRequest(f"memory: {resources.memory} bytes is below the smallest amount a boost can hold "
+                             "(1 MiB); give a unit, e.g. '8GiB'")
     return resources
 
 
@@ -129,9 +138,13 @@ def request(
     address: str | None = None,
     origin: str = "api",
 ) -> Boost:
-    """Grant a boost or raise: InvalidRequest for bad input, NoCapacity when no node can lend."""
+    """Grant a boost or raise: InvalidRequest for bad input, NoCapacity when no node can lend.
+
+    A request that fails, for any reason, leaves no record and no placement group behind."""
     if not isinstance(target, str) or not target.strip():
         raise InvalidRequest("target: a node name is required")
+    if source is not None and not isinstance(source, str):
+        raise InvalidRequest(f"source: a node name is required, got {source!r}")
     resources = parse_request_resources(cpu, gpu, memory)
     prio = parse_priority(priority)
     with BoostStore() as store:
@@ -145,31 +158,22 @@ def request(
                 raise InvalidRequest(f"source and target are both '{source}': a node cannot lend to itself")
             _check_share(lender, resources)
         rc.connect(address)
-        expire_overdue(store)
-        candidates = _candidates(spec, target, source, resources)
+        live = store.list()
+        expire_overdue(store, boosts=live)
+        lent = ledger.held_by_lender(live)
+        nodes = rc.grid_nodes()
         timeout = GridSettings().grant_timeout_seconds
-        for lender in candidates:
+        for lender in _candidates(spec, target, source, resources, nodes, lent):
             boost = ledger.new_boost(
-                uuid.uuid4().hex,
-                source=lender,
-                target=target,
-                resources=resources,
-                priority=prio,
-                duration_seconds=seconds,
-                now=utcnow(),
-                origin=origin,
+                uuid.uuid4().hex, source=lender, target=target, resources=resources, priority=prio,
+                duration_seconds=seconds, now=utcnow(), origin=origin, requested_by=requested_by(),
             )
-            store.create(boost)
-            try:
-                group_id = rc.create_boost_group(boost.placement_group, lender, resources, timeout)
-            except BaseException:
-                store.delete(boost.id)
-                raise
-            if group_id is None:
-                store.delete(boost.id)  # never held anything: leave no trace
-                logger.info("boost on %s not placed within %.1f s; trying the next lender", lender, timeout)
+            # Ray's lend tokens arbitrate only while they match the share; after an admin
+            # lowered the share without restarting the node, the share is checked under the lock.
+            share_check = spec.node(lender).share if _tokens_exceed_share(spec.node(lender), nodes.get(lender)) else None
+            granted = _grant_on(store, boost, timeout, share_check)
+            if granted is None:
                 continue
-            granted = _activate(store, boost, group_id)
             store.publish_boosts_table(store.list())
             store.emit("grid.boost.granted", granted)
             return granted
@@ -177,7 +181,84 @@ def request(
             granted = _preempt_and_grant(store, spec, target, source, resources, prio, seconds, origin)
             if granted is not None:
                 return granted
-    raise NoCapacity(_no_capacity_message(spec, target, source, resources))
+    raise NoCapacity(_no_capacity_message(spec, target, source, resources, lent))
+
+
+def requested_by() -> str:
+    """Who asks for a boost: the flow run when there is one, else user@host."""
+    import getpass
+    import socket
+
+    try:
+        from prefect.context import FlowRunContext
+
+        run = FlowRunContext.get()
+        if run is not None and run.flow_run is not None:
+            return f"flow run {run.flow_run.name} ({run.flow_run.id})"
+    except Exception:  # no Prefect context: fall through to the user
+        pass
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def lend_token_mismatches(spec: ClusterSpec, nodes: dict[str, rc.NodeInfo]) -> list[str]:
+    """One line per running node whose lend tokens differ from its definition, with the fix."""
+    lines = []
+    for node in spec.nodes:
+        info = nodes.get(node.name)
+        if info is None or not info.alive:
+            continue
+        running = info.lendable_total
+        if running != node.share:
+            head = "" if node.role.value == "head" else " --address HEAD_IP:6379"
+            lines.append(
+                f"{node.name} runs with lend tokens for {running.describe()} but its definition lends "
+                f"{node.share.describe()}; boosts are held to the smaller. Restart its Ray node with "
+                f"`ray start $(grid node ray-args {node.name}{head})` to apply the definition"
+            )
+    return lines
+
+
+def _tokens_exceed_share(node: NodeSpec, info: rc.NodeInfo | None) -> bool:
+    """True when the node runs with more lend tokens than its definition allows."""
+    return info is not None and not info.lendable_total.fits_in(node.share)
+
+
+def _grant_on(store: BoostStore, boost: Boost, timeout: float, share: Resources | None) -> Boost | None:
+    """Claim (record), reserve (group), activate; None when the lender could not hold it.
+    Whatever fails after the claim, the record and the group are removed again."""
+    store.create(boost)
+    group_id = None
+    try:
+        group_id = rc.create_boost_group(boost.placement_group, boost.source, boost.resources, timeout)
+        if group_id is None:
+            logger.info("boost on %s not placed within %.1f s; trying the next lender", boost.source, timeout)
+            _abandon(store, boost, None)  # never held anything: leave no trace
+            return None
+        return _activate(store, boost, group_id, share)
+    except _OverShare as exc:
+        logger.info("%s; trying the next lender", exc)
+        _abandon(store, boost, group_id)
+        return None
+    except BaseException:
+        _abandon(store, boost, group_id)
+        raise
+
+
+class _OverShare(GridError):
+    """Granting would lend past the lender's current share (checked under the lock)."""
+
+
+def _abandon(store: BoostStore, boost: Boost, group_id: str | None) -> None:
+    """Undo a claim that was not granted: remove its group (if any; found by name when its id
+    is unknown) and its pending record."""
+    try:
+        _remove(boost.model_copy(update={"placement_group_id": group_id}))
+    finally:
+        store.delete(boost.id)
 
 
 def _preempt_and_grant(
@@ -202,7 +283,8 @@ def _preempt_and_grant(
     if plan is None or not plan.victims:
         return None
     boost = ledger.new_boost(uuid.uuid4().hex, source=plan.lender, target=target, resources=resources,
-                             priority=prio, duration_seconds=seconds, now=utcnow(), origin=origin)
+                             priority=prio, duration_seconds=seconds, now=utcnow(), origin=origin,
+                             requested_by=requested_by())
     victims = []
     for victim in plan.victims:
         with rc.ledger_lock():
@@ -231,18 +313,26 @@ def _preempt_and_grant(
         rc.remove_group(group.id.hex())
         store.delete(boost.id)
         return None
-    granted = _activate(store, boost, group.id.hex())
+    try:
+        granted = _activate(store, boost, group.id.hex())
+    except BaseException:
+        _abandon(store, boost, group.id.hex())
+        raise
     store.publish_boosts_table(store.list())
     store.emit("grid.boost.granted", granted, preempted=",".join(v.id for v in victims))
     return granted
 
 
-def _activate(store: BoostStore, boost: Boost, group_id: str) -> Boost:
+def _activate(store: BoostStore, boost: Boost, group_id: str, share: Resources | None = None) -> Boost:
+    """pending -> active under the lock; with ``share``, refuse (_OverShare) to lend past it."""
     with rc.ledger_lock():
         current = store.get(boost.id)
         if current.state is not BoostState.pending:  # reconcile gave up on it meanwhile
-            rc.remove_group(group_id)
             raise GridError(f"boost {boost.id} was marked {current.state.value} while it was being granted")
+        if share is not None:
+            held = ledger.held_by_lender(store.list()).get(boost.source, Resources())
+            if not (held + boost.resources).fits_in(share):
+                raise _OverShare(f"{boost.source} already lends {held.describe()} of its share {share.describe()}")
         granted = ledger.transition(current, Event.grant, utcnow(), placement_group_id=group_id)
         store.save(granted)
     return granted
@@ -259,18 +349,19 @@ def _check_share(lender: NodeSpec, resources: Resources) -> None:
         )
 
 
-def _candidates(spec: ClusterSpec, target: str, source: str | None, resources: Resources) -> list[str]:
+def _candidates(spec: ClusterSpec, target: str, source: str | None, resources: Resources,
+                nodes: dict[str, rc.NodeInfo], lent: dict[str, Resources]) -> list[str]:
     """Lenders that can hold the whole request now: most free lendable capacity, then node priority."""
-    live = rc.grid_nodes()
     names = [source] if source else [n.name for n in spec.lenders() if n.name != target]
     scored = []
     for name in names:
         node = spec.node(name)
-        info = live.get(name)
+        info = nodes.get(name)
         if info is None or not info.alive:
             continue
         free = info.lendable_free
-        if not resources.fits_in(node.share) or not resources.fits_in(free):
+        unlent = node.share.minus(lent.get(name, Resources()))  # the share, as defined now
+        if not resources.fits_in(unlent) or not resources.fits_in(free):
             continue
         size = node.share
         # Normalise by the share so CPU counts and bytes are comparable.
@@ -281,19 +372,23 @@ def _candidates(spec: ClusterSpec, target: str, source: str | None, resources: R
     return [name for _, _, name in sorted(scored)]
 
 
-def _no_capacity_message(spec: ClusterSpec, target: str, source: str | None, resources: Resources) -> str:
+def _no_capacity_message(spec: ClusterSpec, target: str, source: str | None, resources: Resources,
+                         lent: dict[str, Resources]) -> str:
     live = rc.grid_nodes()
     reasons = []
     names = [source] if source else [n.name for n in spec.nodes if n.name != target]
     for name in names:
         node = spec.node(name)
         info = live.get(name)
+        held = lent.get(name, Resources())
         if not node.resource_sharing.can_share or node.share.is_zero():
             reasons.append(f"{name} does not lend")
         elif info is None or not info.alive:
             reasons.append(f"{name} is not running")
         elif resources.shortfall(node.share):
             reasons.append(f"{name} lends at most {node.share.describe()}")
+        elif resources.shortfall(node.share.minus(held)):
+            reasons.append(f"{name} already lends {held.describe()} of its share {node.share.describe()}")
         else:
             reasons.append(f"{name} has too little free to lend: needs {'; '.join(resources.shortfall(info.lendable_free))}")
     return f"no node can lend {resources.describe()} to {target}: " + ("; ".join(reasons) or "no lenders")
@@ -389,6 +484,9 @@ def extend(boost_id: str, duration: str | float) -> Boost:
             boost = store.get(boost.id)
             if boost.state is not BoostState.active:
                 raise InvalidRequest(f"boost {boost.id} is {boost.state.value}; only an active boost can be extended")
+            if boost.is_overdue(utcnow()):  # its lease ran out: ending it is due, not reviving it
+                raise InvalidRequest(f"boost {boost.id} expired at {boost.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
+                                     "an overdue boost cannot be extended (request a new one)")
             total = (boost.expires_at - (boost.granted_at or boost.created_at)).total_seconds() + seconds
             if total > limit:
                 raise InvalidRequest(
@@ -411,6 +509,7 @@ class ReconcileReport:
     lost: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)  # ended records deleted by the retention rule
 
     @property
     def changed(self) -> bool:
@@ -421,42 +520,76 @@ class ReconcileReport:
         out += [f"boost {b}: lost" for b in self.lost]
         out += [f"boost {b}: failed (stuck pending)" for b in self.failed]
         out += [f"boost {b}: expired" for b in self.expired]
-        return out or ["Ray and the boost records agree; nothing to do"]
+        out = out or ["Ray and the boost records agree; nothing to do"]
+        if self.pruned:
+            out.append(f"deleted {len(self.pruned)} ended boost record(s) past the history retention")
+        return out
 
 
 def reconcile(*, pending_timeout_seconds: float = 120.0, address: str | None = None) -> ReconcileReport:
-    """Make Ray and the records agree. Idempotent, and safe while requests are under way:
-    a request writes its pending record before it creates its group, so a group without a
-    live record is an orphan, and young pending records are left alone."""
+    """Make Ray and the records agree, and trim the history to the cluster's retention.
+
+    Idempotent, and safe while requests run, because of the order of the reads. A request
+    writes its pending record before it creates its group, and ends the record before it
+    removes the group. So:
+
+    * groups are read *before* the records: a group seen then had its record written
+      earlier, so a group with no live record in the later read is an orphan;
+    * groups are read again *after* the records: an active record seen then had its
+      group placed earlier, so an active record whose group is missing from the second
+      read has truly lost it.
+    """
+    _check_pending_timeout(pending_timeout_seconds)
     report = ReconcileReport()
     rc.connect(address)
     with BoostStore() as store:
-        now = utcnow()
-        records = store.list(include_ended=True)  # an ended record wins over a stale live copy
-        for half_moved in {b.id for b in store.list()} & {b.id for b in records if b.state.ended}:
-            store.delete(half_moved)  # a crash between the two writes of an end: finish it
-        groups = rc.grid_groups()
+        groups_before = rc.grid_groups()
+        live = {b.id: b for b in store.list()}
+        history = store.history()
+        for half_moved in set(live) & {b.id for b in history}:
+            store.delete(half_moved)  # a crash between the two writes of an end: the ended copy wins
+            del live[half_moved]
         nodes = rc.grid_nodes()
-        by_group = {b.placement_group: b for b in records}
-        for name, group in groups.items():
-            owner = by_group.get(name)
-            if owner is None or owner.state.ended:
+        groups_after = rc.grid_groups()
+        now = utcnow()
+        owners = {b.placement_group for b in live.values()}
+        for name, group in groups_before.items():
+            if name not in owners:
                 rc.remove_group(group.group_id)
                 report.removed_groups.append(name)
-        for b in records:
+        for b in live.values():
             if b.state is BoostState.active:
-                group = groups.get(b.placement_group)
                 source = nodes.get(b.source)
-                if group is None:
+                if b.placement_group not in groups_after:
                     _end_if_still(store, b, Event.node_lost, "its placement group is gone", report.lost)
                 elif source is None or not source.alive:
                     _end_if_still(store, b, Event.node_lost, f"lender {b.source} is down", report.lost)
                 elif b.is_overdue(now):
                     _end_if_still(store, b, Event.expire, f"expired at {b.expires_at:%H:%M:%S} UTC", report.expired)
-            elif b.state is BoostState.pending and (now - b.created_at).total_seconds() > pending_timeout_seconds:
+            elif (now - b.created_at).total_seconds() > pending_timeout_seconds:
                 _end_if_still(store, b, Event.fail, f"stuck pending for more than {pending_timeout_seconds:g} s",
                               report.failed)
+        report.pruned = _prune_history(store, history)
     return report
+
+
+def _check_pending_timeout(seconds: float) -> None:
+    import math
+
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        raise InvalidRequest(f"pending timeout must be a finite number of seconds >= 0, got {seconds!r}")
+
+
+def _prune_history(store: BoostStore, history: list[Boost]) -> list[str]:
+    """Apply the cluster's history retention (defaults when no cluster is configured)."""
+    from grid_flows.models import ClusterSharing
+    from grid_flows.store import ClusterNotConfigured
+
+    try:
+        sharing = store.load_cluster().resource_sharing
+    except ClusterNotConfigured:
+        sharing = ClusterSharing()
+    return store.prune_history(history, sharing.history_keep_count, sharing.history_keep_days * 86400)
 
 
 def _end_if_still(store: BoostStore, seen: Boost, event: Event, reason: str, changed: list[str]) -> None:

@@ -10,7 +10,8 @@ Example:
     $ grid boost release 3f2a9c1b
     ```
 
-User errors print one line and exit with code 2 (3 when no node can lend); never a traceback.
+User errors print one line and exit with code 2, 3 when no node can lend, 4 when the Prefect
+API or the Ray cluster cannot be reached; never a traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from grid_flows.cli_cluster import cluster_app, sharing_app
-from grid_flows.models import Boost, GridError, InvalidRequest
+from grid_flows.models import Boost, GridError, InvalidRequest, utcnow
 from grid_flows.units import format_amount, format_bytes, format_duration
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="grid-flows: borrow capacity across a Ray cluster.")
@@ -96,9 +97,12 @@ def node_ray_args(
     Use: ray start $(grid node ray-args gpu1 --address HEAD:6379)
     """
     from grid_flows.cluster_file import load_cluster_file
-    from grid_flows.models import NodeRole
+    from grid_flows.models import NodeRole, address_problem
     from grid_flows.ray_cluster import ray_start_args
 
+    problem = address_problem(address) if address is not None else None
+    if problem:  # printed into a `ray start` command line: one token, no extra flags
+        raise InvalidRequest(f"--address: {problem}")
     spec = load_cluster_file(file)
     node = spec.node(name)
     if node.role is NodeRole.head:
@@ -172,18 +176,17 @@ def boost_status(
     """Show boosts: source -> target, resources, priority, state, time left, and totals."""
     from grid_flows.api import list_boosts
 
-    every = list_boosts(include_ended=True)
-    shown = [
-        b
-        for b in every
-        if (include_ended or not b.state.ended) and (node is None or node in (b.source, b.target))
-    ]
+    # Live records only, unless --all: the history (bounded by the cluster's retention) is
+    # read only when asked for, so status costs the same however many boosts have ended.
+    every = list_boosts(include_ended=include_ended)
+    shown = [b for b in every if node is None or node in (b.source, b.target)]
     if as_json:
         out.print_json(data=[boost_json(b) for b in shown])
         return
     prefixes = unique_prefixes([b.id for b in every])
     table = Table(title="grid boosts (boosted tasks run on the source node)", title_justify="left")
-    for column in ("ID", "Source -> Target", "CPU", "GPU", "Memory", "Priority", "State", "Time left"):
+    for column in ("ID", "Source -> Target", "CPU", "GPU", "Memory", "Priority", "State", "Time left",
+                   "Requested by"):
         table.add_column(column, justify="right" if column in ("CPU", "GPU", "Memory") else "left", no_wrap=True)
     total_cpu = total_gpu = 0.0
     total_mem = 0
@@ -200,11 +203,13 @@ def boost_status(
             format_amount(b.resources.gpu) if b.resources.gpu else "-",
             format_bytes(b.resources.memory) if b.resources.memory else "-",
             b.priority.value,
-            b.state.value,
+            shown_state(b),
             time_left(b) if live else "-",
+            b.requested_by or "-",
         )
     table.add_section()
-    table.add_row("total", "", format_amount(total_cpu), format_amount(total_gpu), format_bytes(total_mem), "", "", "")
+    table.add_row("total", "", format_amount(total_cpu), format_amount(total_gpu), format_bytes(total_mem), "", "", "",
+                  "")
     if not shown:
         out.print("No live boosts." if not include_ended else "No boosts.")
     out.print(table)
@@ -247,7 +252,8 @@ def boost_extend(
 
 @boost_app.command("reconcile")
 def boost_reconcile(
-    pending_timeout: float = typer.Option(120.0, "--pending-timeout", help="Seconds before a pending boost fails."),
+    pending_timeout: float = typer.Option(120.0, "--pending-timeout", min=0,
+                                          help="Seconds before a pending boost fails (finite, >= 0)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address; default RAY_ADDRESS."),
 ) -> None:
     """Make Ray and the boost records agree: orphan groups, lost and stuck boosts."""
@@ -275,9 +281,15 @@ def time_left(boost: Boost) -> str:
     return f"{format_duration(seconds)} left" if seconds > 0 else "overdue"
 
 
+def shown_state(boost: Boost) -> str:
+    """The record's state, or "overdue" for an active boost past its end that nothing ended yet."""
+    return "overdue" if boost.is_overdue(utcnow()) else boost.state.value
+
+
 def boost_json(boost: Boost) -> dict[str, Any]:
     data = boost.model_dump(mode="json")
     data["seconds_left"] = round(boost.seconds_left(), 1) if not boost.state.ended else 0
+    data["overdue"] = boost.is_overdue(utcnow())
     return data
 
 
@@ -298,14 +310,17 @@ def _run(call: Callable[[], Any]) -> int:
     except GridError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    except (OSError, RuntimeError) as exc:
-        # httpx and Prefect wrap unreachable servers in these; say where we tried.
+    except Exception as exc:
+        # An unreachable Prefect API surfaces as httpx errors, bare or wrapped by Prefect.
         message = _connection_problem(exc)
         if message is None:
             raise
         err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-        return 1
+        return EXIT_UNREACHABLE
     return 0
+
+
+EXIT_UNREACHABLE = 4  # the Prefect API could not be reached (as RayUnavailable for Ray)
 
 
 def _connection_problem(exc: BaseException) -> str | None:

@@ -43,6 +43,7 @@ def cluster_status_command(
 ) -> None:
     """Every node: role, liveness, total, lendable, lent and free capacity, pressure and trend."""
     from grid_flows import ray_cluster as rc
+    from grid_flows.boosts import lend_token_mismatches
     from grid_flows.flows.rebalance import cluster_status, describe_resources
     from grid_flows.metrics import check_history_name, load_history
     from grid_flows.models import utcnow
@@ -53,13 +54,16 @@ def cluster_status_command(
     with BoostStore() as store:
         spec = store.load_cluster()
         live = store.list()
-    rc.connect()  # RayUnavailable (exit 2) names what to set
-    status = cluster_status(spec, live, load_history(history, now), rc.grid_nodes(), now)
+    rc.connect()  # RayUnavailable (exit 4) names what to set
+    nodes = rc.grid_nodes()
+    status = cluster_status(spec, live, load_history(history, now), nodes, now)
+    mismatches = {line.split(" ", 1)[0]: line for line in lend_token_mismatches(spec, nodes)}
     out = _out()
     if as_json:
         out.print_json(data=[
             {
                 **{k: s[k] for k in ("node", "role", "status", "pressure")},
+                "lend_tokens_mismatch": mismatches.get(s["node"]),
                 "pressure_at": s["pressure_at"].isoformat() if s["pressure_at"] else None,
                 "trends_per_minute": {f"{m}m": t for m, t in s["trends"].items()},
                 **{k: _res_json(s[k]) for k in ("total", "lendable", "lent", "lendable_free", "borrowed", "free")},
@@ -81,6 +85,8 @@ def cluster_status_command(
             " / ".join(s["trends"].get(m, "-") for m in (5, 15, 60)),
         )
     out.print(table)
+    for line in mismatches.values():
+        out.print(f"[yellow]warning:[/] {line}", highlight=False)
 
 
 @sharing_app.command("status")

@@ -89,6 +89,7 @@ def new_boost(
     duration_seconds: float,
     now: datetime,
     origin: str = "api",
+    requested_by: str = "",
 ) -> Boost:
     """A pending boost; ``expires_at`` is provisional until the grant restarts the clock."""
     return Boost(
@@ -103,6 +104,7 @@ def new_boost(
         duration_seconds=duration_seconds,
         placement_group=placement_group_name(boost_id),
         origin=origin,
+        requested_by=requested_by,
     )
 
 

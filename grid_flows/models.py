@@ -12,13 +12,22 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from grid_flows.units import check_amount, format_amount, format_bytes, parse_memory
 
@@ -33,7 +42,22 @@ MAX_BOOST_SECONDS = 7 * 24 * 3600
 _MIB = 1024**2
 _GIB = 1024**3
 _FIELD_PREFIX = re.compile(r"^[a-z_][a-z0-9_.\[\]]*: ")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# A node's name is the value of its Ray label grid.node, so it follows Ray's rule for label
+# values (ray/_private/label_utils.py LABEL_REGEX, Kubernetes label syntax), matched whole.
+_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+NAME_RULE = (
+    "must be a Ray label value: 1 to 63 letters, digits, '-', '_' or '.', "
+    "starting and ending with a letter or digit"
+)
+# Upper bounds of the cluster definition: beyond them a value is a typo, and `ray start` or
+# the int()/timedelta conversions downstream would fail or overflow.
+MAX_NODES = 1000
+MAX_CPU_COUNT = 4096
+MAX_GPU_COUNT = 64
+MAX_MEMORY_GB = 65536  # 64 TiB
+MAX_GPU_INTERVAL_MS = 3_600_000  # one hour between GPU task starts
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def utcnow() -> datetime:
@@ -194,8 +218,12 @@ class SharingPolicy(str, Enum):
 class ModeOverrides(Strict):
     """Per-node changes to the numbers of a resource mode (see guard.py)."""
 
-    vram_cap: Optional[float] = Field(None, gt=0, le=1, description="fraction of GPU memory a task may use")
-    gpu_interval_ms: Optional[float] = Field(None, ge=0, description="minimum gap between GPU task starts")
+    vram_cap: Optional[float] = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="fraction of GPU memory a task may use"
+    )
+    gpu_interval_ms: Optional[float] = Field(
+        None, ge=0, le=MAX_GPU_INTERVAL_MS, allow_inf_nan=False, description="minimum gap between GPU task starts"
+    )
     nice: Optional[int] = Field(None, ge=-20, le=19)
     ionice_class: Optional[str] = Field(None, pattern="^(idle|best-effort|normal)$")
     ionice_level: Optional[int] = Field(None, ge=0, le=7)
@@ -205,9 +233,9 @@ class NodeSharing(Strict):
     """What a node lends. Shares are capped by the node's size when the size is given."""
 
     can_share: bool = False
-    max_share_cpu: float = Field(0, ge=0, allow_inf_nan=False)
-    max_share_memory_gb: float = Field(0, ge=0, allow_inf_nan=False)
-    max_share_gpu: float = Field(0, ge=0, allow_inf_nan=False)
+    max_share_cpu: float = Field(0, ge=0, le=MAX_CPU_COUNT, allow_inf_nan=False)
+    max_share_memory_gb: float = Field(0, ge=0, le=MAX_MEMORY_GB, allow_inf_nan=False)
+    max_share_gpu: float = Field(0, ge=0, le=MAX_GPU_COUNT, allow_inf_nan=False)
     priority: int = Field(10, ge=0, description="lower lends first when shares tie")
     mode: Optional[ResourceMode] = Field(None, description="same as the node's `mode`")
 
@@ -218,21 +246,70 @@ class NodeSharing(Strict):
         return Resources(cpu=self.max_share_cpu, gpu=self.max_share_gpu, memory=int(self.max_share_memory_gb * _GIB))
 
 
+_ADDRESS_RULE = (
+    "must be HOST or HOST:PORT, HOST a host name (RFC 1123 labels), an IPv4 address or a "
+    "bracketed IPv6 address like [::1], with no spaces"
+)
+
+
+def address_problem(value: str) -> str | None:
+    """Why ``value`` is not HOST or HOST:PORT (HOST: an RFC 1123 name, IPv4 or [IPv6]), or None."""
+    host, port = value, None
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[1:end], value[end + 1:]
+        if end < 0 or "%" in host or (rest and not rest.startswith(":")):
+            return f"{_ADDRESS_RULE}; got {value!r}"
+        port = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{_ADDRESS_RULE}; got {value!r}"
+    else:
+        if value.count(":") > 1:
+            return f"{_ADDRESS_RULE}; got {value!r}"
+        if ":" in value:
+            host, port = value.split(":")
+        labels = host.split(".")
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            return f"{_ADDRESS_RULE}; got {value!r}"
+        if _DIGITS.fullmatch(labels[-1]):  # an all-digit last label: only an IPv4 address
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                return f"{_ADDRESS_RULE}; got {value!r}"
+    if port is not None and not (_DIGITS.fullmatch(port) and 1 <= int(port) <= 65535):
+        return f"port must be a number from 1 to 65535, got {value!r}"
+    return None
+
+
+def _offload_command(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if any(c in value for c in "\0\n\r"):
+        raise ValueError(f"must not hold NUL or line breaks, got {value!r}")
+    return value
+
+
 class NodeSpec(Strict):
     name: str
     role: NodeRole = NodeRole.worker
-    cpu_count: float = Field(1, gt=0, allow_inf_nan=False)
-    gpu_count: float = Field(0, ge=0, allow_inf_nan=False)
-    memory_gb: float = Field(2, gt=0, allow_inf_nan=False)
+    cpu_count: float = Field(1, gt=0, le=MAX_CPU_COUNT, allow_inf_nan=False, description="whole CPUs")
+    gpu_count: float = Field(0, ge=0, le=MAX_GPU_COUNT, allow_inf_nan=False, description="whole GPUs")
+    memory_gb: float = Field(2, gt=0, le=MAX_MEMORY_GB, allow_inf_nan=False, description="GiB")
     resource_sharing: NodeSharing = Field(default_factory=NodeSharing)
     mode: ResourceMode = ResourceMode.default
     mode_overrides: ModeOverrides = Field(default_factory=ModeOverrides)
     tags: list[str] = Field(default_factory=list)
-    address: Optional[str] = Field(None, description="host or IP, for documentation and `grid node ray-args`")
+    address: Optional[str] = Field(
+        None,
+        description="HOST or HOST:PORT (HOST: a host name, IPv4 or [IPv6]), for documentation and "
+        "`grid node ray-args`; the head's: a host name or IPv4 address only (ray-args adds :6379)",
+    )
     allow_offload_commands: bool = Field(
         False, description="whether `grid offload run` / the grid-offload flow may start commands on this node"
     )
-    offload_commands: list[str] = Field(
+    offload_commands: list[Annotated[str, AfterValidator(_offload_command)]] = Field(
         default_factory=list,
         description="when not empty, the only executables offloaded commands may start here (names or paths)",
     )
@@ -240,10 +317,24 @@ class NodeSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "must start with a letter or digit and hold only letters, digits, '-', '_' or '.' (at most 63)"
-            )
+        if not _NAME.fullmatch(value):
+            raise ValueError(f"{NAME_RULE}, got {value!r}")
+        return value
+
+    @field_validator("cpu_count", "gpu_count")
+    @classmethod
+    def _whole(cls, value: float, info) -> float:
+        if not float(value).is_integer():
+            flag = "--num-cpus" if info.field_name == "cpu_count" else "--num-gpus"
+            raise ValueError(f"must be a whole number (`ray start {flag}` takes whole units), got {value:g}")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: Optional[str]) -> Optional[str]:
+        problem = None if value is None else address_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="before")
@@ -272,6 +363,14 @@ class NodeSpec(Strict):
         ):
             if share > size:
                 raise ValueError(f"resource_sharing.{field}: {share:g} is more than the node has ({size:g})")
+        if self.role is NodeRole.head and self.address and ":" in self.address:
+            # `grid node ray-args WORKER` prints --address=<head address>:6379 through rich, which
+            # would also eat a bracketed IPv6 address as markup: a host name or IPv4 address only
+            raise ValueError(
+                f"address: the head's address must be a host name or IPv4 address without a port "
+                f"(`grid node ray-args` adds :6379 for workers; for another port or IPv6 pass "
+                f"--address HOST:PORT), got {self.address!r}"
+            )
         return self
 
     @property
@@ -288,8 +387,8 @@ class NodeSpec(Strict):
 
 
 class Threshold(Strict):
-    high: float = Field(0.8, ge=0, le=1)
-    low: float = Field(0.3, ge=0, le=1)
+    high: float = Field(0.8, ge=0, le=1, allow_inf_nan=False)
+    low: float = Field(0.3, ge=0, le=1, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Threshold":
@@ -308,14 +407,20 @@ class ClusterSharing(Strict):
     enabled: bool = True
     mode: SharingMode = SharingMode.share_and_offload
     policy: SharingPolicy = SharingPolicy.balanced
-    rebalance_interval_seconds: float = Field(30, gt=0, allow_inf_nan=False)
-    monitoring_interval_seconds: float = Field(10, gt=0, allow_inf_nan=False)
+    rebalance_interval_seconds: float = Field(30, gt=0, le=MAX_BOOST_SECONDS, allow_inf_nan=False)
+    monitoring_interval_seconds: float = Field(10, gt=0, le=MAX_BOOST_SECONDS, allow_inf_nan=False)
     default_boost_duration_seconds: float = Field(3600, gt=0, le=MAX_BOOST_SECONDS, allow_inf_nan=False)
     max_boost_duration_seconds: float = Field(MAX_BOOST_SECONDS, gt=0, le=MAX_BOOST_SECONDS, allow_inf_nan=False)
-    min_runtime_seconds: float = Field(60, ge=0, allow_inf_nan=False)
-    grace_seconds: float = Field(30, ge=0, allow_inf_nan=False)
+    min_runtime_seconds: float = Field(60, ge=0, le=MAX_BOOST_SECONDS, allow_inf_nan=False)
+    grace_seconds: float = Field(30, ge=0, le=MAX_BOOST_SECONDS, allow_inf_nan=False)
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    excess_threshold: float = Field(0.2, ge=0, le=1)
+    excess_threshold: float = Field(0.2, ge=0, le=1, allow_inf_nan=False)
+    history_keep_count: int = Field(
+        1000, ge=0, le=100_000, description="ended boost records kept; the reconcile flow deletes older ones"
+    )
+    history_keep_days: float = Field(
+        30, gt=0, le=3650, allow_inf_nan=False, description="ended boost records older than this are deleted"
+    )
 
 
     @model_validator(mode="after")
@@ -334,6 +439,14 @@ class ClusterSpec(Strict):
     name: str = "default"
     nodes: list[NodeSpec]
     resource_sharing: ClusterSharing = Field(default_factory=ClusterSharing)
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _not_too_many(cls, value: Any) -> Any:
+        # before validation, so a huge list is refused at once and yields one line, not one per node
+        if isinstance(value, (list, tuple)) and len(value) > MAX_NODES:
+            raise ValueError(f"{len(value)} nodes; at most {MAX_NODES} are supported")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterSpec":
@@ -388,6 +501,7 @@ class Boost(BaseModel):
     ended_at: Optional[datetime] = None
     reason: str = ""
     origin: str = "api"
+    requested_by: str = ""  # the flow run, or user@host, that asked for it
 
     @property
     def short_id(self) -> str:

@@ -50,7 +50,9 @@ _FAST_HEALTH_CHECK = {
 
 
 class RayUnavailable(GridError):
-    exit_code = 2
+    """The Ray cluster could not be reached (exit code 4, as for an unreachable Prefect API)."""
+
+    exit_code = 4
 
 
 class LedgerBusy(GridError):
@@ -200,10 +202,37 @@ def connect(address: str | None = None) -> None:
             "no Ray cluster to use: set RAY_ADDRESS (or PREFECT_INTEGRATIONS_GRID_RAY_ADDRESS) "
             "or pass --address"
         )
+    _check_reachable(address)
     try:
         ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise RayUnavailable(f"cannot connect to Ray at {address}: {exc}") from None
+
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def _check_reachable(address: str, timeout_seconds: float = CONNECT_TIMEOUT_SECONDS) -> None:
+    """Fail fast when nothing listens at a ``host:port`` address: ``ray.init`` itself retries
+    an unreachable GCS for minutes. Other forms (``auto``, ``local``) are left to Ray."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address if "://" in address else f"gcs://{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise RayUnavailable(f"cannot connect to Ray at {address}: not a host:port address") from None
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_seconds).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc)).lower()
+        raise RayUnavailable(
+            f"cannot connect to Ray at {address}: {why} within {timeout_seconds:g} s "
+            "(is the head node running? check RAY_ADDRESS or --address)"
+        ) from None
 
 
 def grid_nodes() -> dict[str, NodeInfo]:

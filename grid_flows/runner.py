@@ -647,6 +647,9 @@ class BoostRayTaskRunner(RayTaskRunner):
             options["label_selector"] = {NODE_LABEL: placement.node}
             if placement.kind is PlacementKind.offload:
                 options["resources"] = need.lend_tokens()  # Ray enforces the lender's share
+                # Ray's retry would wait forever for a dead lender's label; the runner
+                # re-places a task lost with its node instead (_task_done).
+                options["max_retries"] = 0
         return options
 
     def _task_done(self, ref: Any, result: Any = None) -> None:

@@ -40,15 +40,14 @@ def ray_address(explicit: str | None = None) -> str | None:
 
 
 def prefect_env_for_workers() -> dict[str, str]:
-    """The Prefect settings a Ray worker needs to report to the same server as this driver.
+    """The Prefect setting a Ray worker process needs before any task reaches it: the API URL.
 
-    Without them every worker would start its own temporary server (DESIGN.md section 4).
+    Without it every worker would start its own temporary server.
+    The API key is deliberately not here: Ray keeps a job's runtime environment in plain
+    text (GCS, logs, dashboard). Each task carries its flow run's settings, key included,
+    in its serialized context, the way Prefect's own task runners pass it.
     """
-    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL
 
-    env = {}
-    if PREFECT_API_URL.value():
-        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
-    if PREFECT_API_KEY.value():
-        env["PREFECT_API_KEY"] = PREFECT_API_KEY.value().get_secret_value()
-    return env
+    url = PREFECT_API_URL.value()
+    return {"PREFECT_API_URL": url} if url else {}

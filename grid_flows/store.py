@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import ssl
 from datetime import datetime
 from typing import Iterable
@@ -30,11 +31,15 @@ from prefect.client.schemas.actions import BlockDocumentCreate, BlockDocumentUpd
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from grid_flows.blocks import GridBoost, GridBoostHistory, GridCluster, boost_document_name, boost_from_data
-from grid_flows.models import Boost, ClusterSpec, GridError, Resources, UnknownBoost, utcnow
+from grid_flows.models import Boost, ClusterSpec, GridError, InvalidRequest, Resources, UnknownBoost, utcnow
 from grid_flows.settings import GridSettings
 from grid_flows.units import format_amount, format_bytes, format_duration
 
 BOOSTS_ARTIFACT_KEY = "grid-boosts"
+_PAGE = 200  # documents per read of the record list
+MIN_PREFIX = 4  # shortest boost id prefix accepted by release/extend
+BOOST_ID_LENGTH = 32  # uuid4().hex
+_HEX = re.compile(r"[0-9a-f]+")
 logger = logging.getLogger("grid_flows.store")
 
 
@@ -98,6 +103,7 @@ class BoostStore:
         self._client_cm = None
         self._client = None
         self._doc_ids: dict[str, UUID] = {}
+        self._history_ids: dict[str, UUID] = {}
 
     def __enter__(self) -> "BoostStore":
         self._client_cm = api_client()
@@ -197,30 +203,69 @@ class BoostStore:
                 live[doc.data["boost_id"]] = boost_from_data(doc.data)
         boosts = dict(live)
         if include_ended:
-            for doc in self._all_docs(GridBoostHistory):
-                if doc.data.get("boost_id"):
-                    boosts[doc.data["boost_id"]] = boost_from_data(doc.data)  # history wins
+            boosts.update((b.id, b) for b in self.history())  # history wins
         return sorted(boosts.values(), key=lambda b: b.created_at, reverse=True)
 
     def _all_docs(self, block_cls: type) -> list:
+        """Every document of ``block_cls``, paged by name.
+
+        Through ``POST /block_documents/filter``, which honours offset and limit; the
+        per-type route (``read_block_documents_by_type``) ignores both and returns every
+        document each time, so paging over it never ends."""
+        from prefect.client.schemas.objects import BlockDocument
+
         docs: list = []
-        try:
-            while True:
-                page = self.client.read_block_documents_by_type(
-                    block_cls.get_block_type_slug(), offset=len(docs), limit=200
-                )
-                docs.extend(page)
-                if len(page) < 200:
-                    return docs
-        except ObjectNotFound:
-            return []  # the block type is registered with its first document
+        while True:
+            response = self.client.request("POST", "/block_documents/filter", json={
+                "block_types": {"slug": {"any_": [block_cls.get_block_type_slug()]}},
+                "sort": "NAME_ASC", "offset": len(docs), "limit": _PAGE, "include_secrets": False,
+            })
+            page = BlockDocument.model_validate_list(response.json())
+            docs.extend(page)
+            if len(page) < _PAGE:
+                return docs
+
+    def history(self) -> list[Boost]:
+        """Every ended record (bounded by the retention rule that reconcile applies)."""
+        ended = []
+        for doc in self._all_docs(GridBoostHistory):
+            if doc.data.get("boost_id"):
+                self._history_ids[doc.data["boost_id"]] = doc.id
+                ended.append(boost_from_data(doc.data))
+        return ended
+
+    def prune_history(self, history: Iterable[Boost], keep: int, max_age_seconds: float,
+                      now: datetime | None = None) -> list[str]:
+        """Delete the ended records of ``history`` beyond the newest ``keep`` or older than
+        ``max_age_seconds`` (by when they ended); the ids deleted. Nothing decides from the
+        history: it is what ``grid boost status --all`` shows."""
+        now = now or utcnow()
+        newest_first = sorted(history, key=lambda b: b.ended_at or b.created_at, reverse=True)
+        deleted = []
+        for rank, boost in enumerate(newest_first):
+            age = (now - (boost.ended_at or boost.created_at)).total_seconds()
+            if rank >= keep or age > max_age_seconds:
+                with contextlib.suppress(ObjectNotFound):
+                    doc_id = self._history_ids.get(boost.id) or self._history_doc(boost.id).id
+                    self.client.delete_block_document(doc_id)
+                deleted.append(boost.id)
+        return deleted
 
     def resolve(self, id_or_prefix: str, boosts: Iterable[Boost] | None = None) -> Boost:
-        """The boost whose id is ``id_or_prefix`` or uniquely starts with it."""
+        """The boost whose id is ``id_or_prefix`` or uniquely starts with it (at least
+        MIN_PREFIX characters: a shorter prefix could name a boost its user never saw)."""
+        if not isinstance(id_or_prefix, str):
+            raise InvalidRequest(f"boost id must be a string, got {type(id_or_prefix).__name__} {id_or_prefix!r}")
         text = id_or_prefix.strip().lower()
         if not text:
             raise UnknownBoost("boost id is empty")
+        if not _HEX.fullmatch(text):
+            raise UnknownBoost(f"unknown boost '{id_or_prefix}': boost ids are hexadecimal")
+        if len(text) < MIN_PREFIX:
+            raise InvalidRequest(f"boost id prefix '{id_or_prefix}' is too short: give at least {MIN_PREFIX} characters")
         if boosts is None:
+            if len(text) == BOOST_ID_LENGTH:
+                return self.get(text)  # one read by name, however long the history is
             boosts = self.list()
             if not any(b.id.startswith(text) for b in boosts):
                 boosts = self.list(include_ended=True)  # ended boosts can be named too

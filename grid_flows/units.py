@@ -62,7 +62,10 @@ def check_amount(value: float, what: str, *, allow_zero: bool = True) -> float:
     """Return ``value`` as a float, or raise ValueError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{what} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        raise ValueError(f"{what} must be finite, got a number with {len(str(abs(value)))} digits") from None
     if math.isnan(value):
         raise ValueError(f"{what} must be a number, got NaN")
     if math.isinf(value):

@@ -12,9 +12,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 from prefect import flow, get_run_logger
+from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
 from grid_flows import boosts
 from grid_flows.store import BoostStore
@@ -23,11 +24,11 @@ from grid_flows.store import BoostStore
 @flow(name="grid-request-boost", log_prints=False)
 def request_boost_flow(
     target: str,
-    cpu: float = 0,
-    gpu: float = 0,
-    memory: Optional[Union[str, int]] = None,
+    cpu: StrictFloat = 0,
+    gpu: StrictFloat = 0,
+    memory: Optional[Union[StrictStr, StrictInt]] = None,
     priority: str = "normal",
-    duration: Optional[Union[str, float]] = None,
+    duration: Optional[Union[StrictStr, StrictFloat]] = None,
     source: Optional[str] = None,
 ) -> dict[str, Any]:
     """Lease capacity of a lender to ``target``; returns the boost as a dict."""
@@ -72,7 +73,9 @@ def expire_boosts() -> list[str]:
 
 
 @flow(name="grid-reconcile-boosts")
-def reconcile_boosts(pending_timeout_seconds: float = 120.0) -> dict[str, list[str]]:
+def reconcile_boosts(
+    pending_timeout_seconds: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 120.0,
+) -> dict[str, list[str]]:
     """Make Ray and the boost records agree (orphan groups, lost or stuck boosts). Idempotent."""
     logger = get_run_logger()
     report = boosts.reconcile(pending_timeout_seconds=pending_timeout_seconds)
@@ -83,11 +86,12 @@ def reconcile_boosts(pending_timeout_seconds: float = 120.0) -> dict[str, list[s
         "lost": report.lost,
         "failed": report.failed,
         "expired": report.expired,
+        "pruned": report.pruned,
     }
 
 
 @flow(name="grid-extend-boost")
-def extend_boost_flow(boost_id: str, duration: Union[str, float]) -> dict[str, Any]:
+def extend_boost_flow(boost_id: str, duration: Union[StrictStr, StrictFloat]) -> dict[str, Any]:
     """Extend an active boost within the cluster's maximum boost length."""
     boost = boosts.extend(boost_id, duration)
     get_run_logger().info("Boost %s now expires at %s UTC", boost.id, f"{boost.expires_at:%H:%M:%S}")

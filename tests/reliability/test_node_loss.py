@@ -75,6 +75,38 @@ def test_a_dead_lender_loses_its_boost_and_the_flow_finishes_on_the_target(lossy
     assert reconcile().changed is False  # the runner already made Ray and the record agree
 
 
+@task
+def offloaded_step(i: int) -> dict:
+    start = time.time()
+    time.sleep(1.0)
+    return {"i": i, "node": ray.get_runtime_context().get_node_id(), "start": start}
+
+
+def test_a_dead_lender_does_not_hang_tasks_offloaded_onto_its_share(lossy_cluster):
+    # Offloaded tasks (no boost) once kept Ray's retries: a retry waits forever for a dead
+    # lender's label. Now the runner re-places a task lost with its node, as for boosts.
+    results: dict = {}
+    gpu1 = rc.grid_nodes()["gpu1"]
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=True))
+    def spreads() -> list[dict]:
+        return [f.result(timeout=180) for f in offloaded_step.map(range(8))]
+
+    runner = threading.Thread(target=lambda: results.setdefault("rows", spreads()))
+    runner.start()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and rc.grid_nodes()["gpu1"].lendable_free.cpu >= gpu1.lendable_total.cpu:
+        time.sleep(0.05)  # until a task runs on gpu1's share
+    assert rc.grid_nodes()["gpu1"].lendable_free.cpu < gpu1.lendable_total.cpu, "no task was offloaded to gpu1"
+    killed_at = time.time()
+    lossy_cluster.stop_node("gpu1")
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "the flow hung on a task lost with its lender"
+    rows = results["rows"]
+    assert sorted(r["i"] for r in rows) == list(range(8))  # the tasks lost with gpu1 ran again
+    assert all(r["node"] != gpu1.node_id for r in rows if r["start"] > killed_at + 2)
+
+
 def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid):
     """A real `prefect server` on SQLite in tmp_path, stopped and started again under a live boost."""
     from grid_flows.local_prefect import local_prefect_server
