@@ -90,6 +90,7 @@ class GridBoost(Block):
     reason: str = ""
     origin: str = "api"
     requested_by: str = Field("", description="Who asked: the flow run, or user@host for the CLI and Python API.")
+    preempted_by: str = Field("", description="While active: the boost whose preemption of this one is under way.")
 
     @classmethod
     def from_boost(cls, boost: Boost) -> "GridBoost":

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from grid_flows.models import (
     Priority,
     Resources,
     SharingMode,
+    UnknownBoost,
     utcnow,
 )
 from grid_flows.settings import GridSettings
@@ -277,7 +279,7 @@ def _preempt_and_grant(
         for n in spec.lenders()
         if n.name in nodes and nodes[n.name].alive
     }
-    live = [b for b in store.list() if b.state is BoostState.active]
+    live = [b for b in store.list() if b.state is BoostState.active and not b.preempted_by]
     plan = plan_preemption(resources, prio, target=target, lenders=lenders, active=live, now=utcnow(),
                            min_runtime_seconds=sharing.min_runtime_seconds, source=source)
     if plan is None or not plan.victims:
@@ -285,34 +287,34 @@ def _preempt_and_grant(
     boost = ledger.new_boost(uuid.uuid4().hex, source=plan.lender, target=target, resources=resources,
                              priority=prio, duration_seconds=seconds, now=utcnow(), origin=origin,
                              requested_by=requested_by())
-    victims = []
-    for victim in plan.victims:
-        with rc.ledger_lock():
-            current = store.get(victim.id)
-            if current.state is not BoostState.active:
-                continue  # ended meanwhile: its capacity frees anyway
-            preempted = ledger.transition(current, Event.preempt, utcnow(),
-                                          reason=f"preempted by a {prio.value} boost {boost.short_id} for {target}")
-            store.save(preempted)
-        victims.append(preempted)
-        store.emit("grid.boost.preempted", preempted, preempted_by=boost.id)
-    logger.info("%s; waiting up to %g s for their tasks", plan.reason, sharing.grace_seconds)
     # Claim first: Ray queues this group ahead of any request made after it.
     store.create(boost)
     group = rc.start_boost_group(boost.placement_group, plan.lender, resources)
-    # Grace: tasks running in a victim get time to finish; their runners stop routing at once.
-    deadline = time.monotonic() + sharing.grace_seconds
-    while time.monotonic() < deadline and not all(
-        rc.group_idle(v.placement_group_id, v.resources.bundle()) for v in victims if v.placement_group_id
-    ):
-        time.sleep(0.1)  # polling Ray's view of the groups, bounded by the grace period
-    for victim in victims:
-        _remove(victim, wait=False)  # the new group, queued first, takes the capacity as it frees
-    store.publish_boosts_table(store.list())
-    if not group.wait(timeout_seconds=max(5.0, GridSettings().grant_timeout_seconds)):
+    try:
+        victims = _notify_victims(store, plan.victims, boost)
+        logger.info("%s; waiting up to %g s for their tasks", plan.reason, sharing.grace_seconds)
+        # Grace: tasks running in a victim get time to finish; their runners stop routing now.
+        deadline = time.monotonic() + sharing.grace_seconds
+        while time.monotonic() < deadline and not all(
+            rc.group_idle(v.placement_group_id, v.resources.bundle()) for v in victims if v.placement_group_id
+        ):
+            time.sleep(0.1)  # polling Ray's view of the groups, bounded by the grace period
+        for victim in victims:
+            _remove(victim, wait=False)  # the new group, queued first, takes the capacity as it frees
+        placed = group.wait(timeout_seconds=max(5.0, GridSettings().grant_timeout_seconds))
+    except BaseException:
+        _abandon(store, boost, group.id.hex())
+        raise
+    if not placed:
+        # Both or neither: this request gets nothing and the victims hold their capacity again.
+        # Its record goes last: while it lives, reconcile leaves the victims' notices alone.
         rc.remove_group(group.id.hex())
-        store.delete(boost.id)
+        _restore_victims(store, victims, boost)
+        _abandon(store, boost, group.id.hex())
         return None
+    reason = f"preempted by a {prio.value} boost {boost.short_id} for {target}"
+    for victim in victims:
+        end(store, victim.id, Event.preempt, reason)  # before the grant: the record never shows both
     try:
         granted = _activate(store, boost, group.id.hex())
     except BaseException:
@@ -321,6 +323,46 @@ def _preempt_and_grant(
     store.publish_boosts_table(store.list())
     store.emit("grid.boost.granted", granted, preempted=",".join(v.id for v in victims))
     return granted
+
+
+def _notify_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boost) -> list[Boost]:
+    """Put each victim still active and unclaimed under a preemption notice; the ones noticed."""
+    noticed = []
+    for victim in victims:
+        with rc.ledger_lock():
+            current = store.get(victim.id)
+            if current.state is not BoostState.active or current.preempted_by:
+                continue  # ended meanwhile (its capacity frees anyway), or another preemption has it
+            current = ledger.transition(current, Event.notice, utcnow(), preempted_by=preemptor.id,
+                                        reason=f"being preempted by a {preemptor.priority.value} boost "
+                                               f"{preemptor.short_id} for {preemptor.target}")
+            store.save(current)
+        noticed.append(current)
+    if noticed:
+        store.publish_boosts_table(store.list())
+    return noticed
+
+
+def _restore_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boost) -> None:
+    """The preemptor could not be placed: give each victim a group again and lift its notice;
+    a victim whose capacity is gone meanwhile ends as preempted after all."""
+    timeout = max(5.0, GridSettings().grant_timeout_seconds)
+    for victim in victims:
+        # Recreating a shape Ray has not freed yet costs ~1 s of its backoff: wait for the free first.
+        rc.wait_group_freed(victim.placement_group_id)
+        group_id = rc.create_boost_group(victim.placement_group, victim.source, victim.resources, timeout)
+        if group_id is None:
+            end(store, victim.id, Event.preempt,
+                f"preempted by boost {preemptor.short_id}, which could not be placed; its capacity was taken meanwhile")
+            continue
+        with rc.ledger_lock():
+            current = store.get(victim.id)
+            if current.state is BoostState.active and current.preempted_by == preemptor.id:
+                store.save(ledger.transition(current, Event.restore, utcnow(), placement_group_id=group_id,
+                                             reason=f"kept: the preemption by {preemptor.short_id} could not complete"))
+                continue
+        rc.remove_group(group_id)  # ended meanwhile: it needs no group
+    store.publish_boosts_table(store.list())
 
 
 def _activate(store: BoostStore, boost: Boost, group_id: str, share: Resources | None = None) -> Boost:
@@ -509,17 +551,19 @@ class ReconcileReport:
     lost: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)  # preemption notices lifted: their preemptor is gone
     pruned: list[str] = field(default_factory=list)  # ended records deleted by the retention rule
 
     @property
     def changed(self) -> bool:
-        return bool(self.removed_groups or self.lost or self.failed or self.expired)
+        return bool(self.removed_groups or self.lost or self.failed or self.expired or self.restored)
 
     def lines(self) -> list[str]:
         out = [f"removed orphan placement group {g}" for g in self.removed_groups]
         out += [f"boost {b}: lost" for b in self.lost]
         out += [f"boost {b}: failed (stuck pending)" for b in self.failed]
         out += [f"boost {b}: expired" for b in self.expired]
+        out += [f"boost {b}: kept (its preemption did not complete)" for b in self.restored]
         out = out or ["Ray and the boost records agree; nothing to do"]
         if self.pruned:
             out.append(f"deleted {len(self.pruned)} ended boost record(s) past the history retention")
@@ -566,6 +610,8 @@ def reconcile(*, pending_timeout_seconds: float = 120.0, address: str | None = N
                     _end_if_still(store, b, Event.node_lost, f"lender {b.source} is down", report.lost)
                 elif b.is_overdue(now):
                     _end_if_still(store, b, Event.expire, f"expired at {b.expires_at:%H:%M:%S} UTC", report.expired)
+                elif b.preempted_by and b.preempted_by not in live:
+                    _lift_stale_notice(store, b, report.restored)
             elif (now - b.created_at).total_seconds() > pending_timeout_seconds:
                 _end_if_still(store, b, Event.fail, f"stuck pending for more than {pending_timeout_seconds:g} s",
                               report.failed)
@@ -590,6 +636,21 @@ def _prune_history(store: BoostStore, history: list[Boost]) -> list[str]:
     except ClusterNotConfigured:
         sharing = ClusterSharing()
     return store.prune_history(history, sharing.history_keep_count, sharing.history_keep_days * 86400)
+
+
+def _lift_stale_notice(store: BoostStore, seen: Boost, changed: list[str]) -> None:
+    """A preemption notice whose preemptor no longer lives (its requester died half way):
+    the boost keeps its group and runners may route into it again."""
+    with rc.ledger_lock():
+        current = store.get(seen.id)
+        if current.state is not BoostState.active or current.preempted_by != seen.preempted_by:
+            return
+        with contextlib.suppress(UnknownBoost):
+            if not store.get(current.preempted_by).state.ended:
+                return  # the preemption is still under way
+        store.save(ledger.transition(current, Event.restore, utcnow(),
+                                     reason=f"kept: the preemption by {current.preempted_by[:8]} did not complete"))
+    changed.append(seen.id)
 
 
 def _end_if_still(store: BoostStore, seen: Boost, event: Event, reason: str, changed: list[str]) -> None:

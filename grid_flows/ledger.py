@@ -42,6 +42,8 @@ class Event(str, Enum):
     node_lost = "node_lost"
     fail = "fail"
     extend = "extend"
+    notice = "notice"  # a preemption is under way: runners stop routing, the boost still holds
+    restore = "restore"  # the preemption could not complete: the boost holds again, in a new group
 
 
 class IllegalTransition(GridError):
@@ -64,6 +66,8 @@ _TRANSITIONS: dict[BoostState, dict[Event, BoostState]] = {
         Event.preempt: _S.preempted,
         Event.node_lost: _S.lost,
         Event.extend: _S.active,
+        Event.notice: _S.active,
+        Event.restore: _S.active,
     },
 }
 
@@ -120,6 +124,7 @@ def transition(
     reason: str = "",
     placement_group_id: str | None = None,
     extra_seconds: float = 0.0,
+    preempted_by: str = "",
 ) -> Boost:
     """Apply ``event`` to ``boost`` at ``now`` and return the new record (the input is untouched)."""
     next_state = _TRANSITIONS.get(boost.state, {}).get(event)
@@ -142,6 +147,14 @@ def transition(
             expires_at=boost.expires_at + timedelta(seconds=extra_seconds),
             duration_seconds=boost.duration_seconds + extra_seconds,
         )
+    elif event is Event.notice:
+        if not preempted_by:
+            raise IllegalTransition(f"boost {boost.id}: a preemption notice names the preempting boost")
+        changes["preempted_by"] = preempted_by
+    elif event is Event.restore:
+        if not boost.preempted_by:
+            raise IllegalTransition(f"boost {boost.id}: only a boost under a preemption notice can be restored")
+        changes.update(preempted_by="", placement_group_id=placement_group_id or boost.placement_group_id)
     if next_state.ended:
         changes["ended_at"] = now
     if reason:

@@ -502,6 +502,7 @@ class Boost(BaseModel):
     reason: str = ""
     origin: str = "api"
     requested_by: str = ""  # the flow run, or user@host, that asked for it
+    preempted_by: str = ""  # while active: the boost whose preemption of this one is under way
 
     @property
     def short_id(self) -> str:

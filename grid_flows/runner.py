@@ -81,6 +81,7 @@ logger = logging.getLogger("grid_flows.runner")
 _REFRESH_SECONDS = 1.0
 _SORT_KEY = operator.attrgetter("sort_key")  # plain tuples: sorting compares in C
 _EXAMPLE_REASONS = 5
+_PREEMPTION_NOTICE = "it is being preempted by boost"  # why_unusable while a preemption is under way
 
 
 class GridFuture(PrefectRayFuture):
@@ -454,6 +455,18 @@ class BoostRayTaskRunner(RayTaskRunner):
             self._say(logging.INFO, f"Target {self.target} is busy ({busy}): tasks move to lent capacity first"
                       if busy else f"Target {self.target} is no longer busy: tasks run there first again")
 
+    def _rebind(self, binding: _Binding, record: Boost) -> None:
+        """The boost holds its capacity in a new group (a preemption that could not complete
+        gave it back): route into the new group, and again at all if only the notice stopped it."""
+        with self._cond:
+            binding.boost = record
+            binding.handle = rc.group_handle(record.placement_group_id)
+            if binding.why_unusable.startswith(_PREEMPTION_NOTICE):
+                binding.usable, binding.why_unusable = True, ""
+            self._dispatch_ready()
+            self._cond.notify_all()
+        self._say(logging.INFO, f"Boost {record.short_id} was kept ({record.reason}); tasks go into it again")
+
     def stop_routing(self, boost_id: str, why: str, level: int = logging.WARNING) -> None:
         """No new task goes into the boost; tasks running in it continue."""
         with self._cond:
@@ -782,6 +795,10 @@ class BoostRayTaskRunner(RayTaskRunner):
                 if binding.shared and binding.count == 0:
                     with self._cond:  # the node's boost, not ours: forget it once nothing runs there
                         self._bindings.pop(b.id, None)
+            elif record.preempted_by:
+                self.stop_routing(b.id, f"{_PREEMPTION_NOTICE} {record.preempted_by[:8]}")
+            elif record.placement_group_id != b.placement_group_id:
+                self._rebind(binding, record)
             elif record.expires_at != b.expires_at:
                 with self._cond:
                     binding.boost = record

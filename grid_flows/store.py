@@ -337,6 +337,7 @@ class BoostStore:
                     "memory_bytes": boost.resources.memory,
                     "expires_at": boost.expires_at.isoformat(),
                     "reason": boost.reason,
+                    **({"preempted_by": boost.preempted_by} if boost.preempted_by else {}),
                     **extra,
                 },
             )

@@ -86,6 +86,7 @@ def reconcile_boosts(
         "lost": report.lost,
         "failed": report.failed,
         "expired": report.expired,
+        "restored": report.restored,
         "pruned": report.pruned,
     }
 

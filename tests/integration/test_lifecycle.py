@@ -103,6 +103,31 @@ def test_higher_priority_preempts_lower_and_never_equal(grid):
         request_boost("gpu-master", cpu=1, source="gpu1", priority="normal")  # lower than high: no
 
 
+def test_a_preemption_that_cannot_complete_leaves_the_victim_holding_its_capacity(grid, monkeypatch):
+    from grid_flows import boosts as boost_ops
+
+    low = request_boost("gpu-master", cpu=2, source="gpu1", priority="low")
+    real_start = rc.start_boost_group
+
+    def unplaceable(name, source, resources):  # as if the lender could not take the preemptor's group
+        return real_start(name, source if name == low.placement_group else "no-such-node", resources)
+
+    monkeypatch.setattr(boost_ops.rc, "start_boost_group", unplaceable)
+    with pytest.raises(NoCapacity):
+        request_boost("gpu-master", cpu=2, source="gpu1", priority="high")
+    monkeypatch.undo()
+
+    kept = _record(low.id)
+    assert kept.state is BoostState.active and kept.preempted_by == ""
+    assert "kept: the preemption by" in kept.reason
+    groups = rc.grid_groups()
+    assert groups.keys() == {low.placement_group}  # the preemptor left nothing; the victim holds again
+    assert groups[low.placement_group].group_id == kept.placement_group_id != low.placement_group_id
+    assert groups[low.placement_group].state == "CREATED"
+    assert [b.id for b in list_boosts()] == [low.id]
+    assert reconcile().changed is False  # Ray and the record agree
+
+
 def test_preemption_gives_running_tasks_their_grace(grid):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -46,6 +46,8 @@ EXPECTED: dict[tuple[BoostState, Event], BoostState] = {
     (S.active, Event.preempt): S.preempted,
     (S.active, Event.node_lost): S.lost,
     (S.active, Event.extend): S.active,
+    (S.active, Event.notice): S.active,
+    (S.active, Event.restore): S.active,
 }
 ALL_PAIRS = list(itertools.product(BoostState, Event))
 LEGAL = [(s, e) for s, e in ALL_PAIRS if (s, e) in EXPECTED]
@@ -102,8 +104,8 @@ def test_ledger_imports_neither_ray_nor_prefect():
 
 
 def test_the_table_covers_every_pair():
-    assert len(ALL_PAIRS) == len(BoostState) * len(Event) == 49
-    assert len(LEGAL) == 8
+    assert len(ALL_PAIRS) == len(BoostState) * len(Event) == 63
+    assert len(LEGAL) == 10
     for state in BoostState:
         assert allowed_events(state) == {e for (s, e) in EXPECTED if s is state}
 
@@ -123,7 +125,9 @@ def test_new_boost_is_pending_with_a_provisional_expiry():
 @pytest.mark.parametrize("state, event", LEGAL, ids=[f"{s.value}-{e.value}" for s, e in LEGAL])
 def test_legal_transition_gives_the_expected_state(state, event):
     before = in_state(state)
-    after = transition(before, event, T2, placement_group_id="pg02", extra_seconds=300)
+    if event is Event.restore:
+        before = before.model_copy(update={"preempted_by": "b-preemptor"})  # only a noticed boost restores
+    after = transition(before, event, T2, placement_group_id="pg02", extra_seconds=300, preempted_by="b-preemptor")
     expected = EXPECTED[(state, event)]
     assert after.state is expected
     # ended_at is set exactly when the boost ends, to the event's time
@@ -140,6 +144,12 @@ def test_legal_transition_gives_the_expected_state(state, event):
         assert after.expires_at == before.expires_at + timedelta(seconds=300)
         assert after.duration_seconds == DURATION + 300
         assert after.granted_at == before.granted_at == T1
+    elif event is Event.notice:
+        assert after.preempted_by == "b-preemptor"
+        assert after.placement_group_id == before.placement_group_id and after.expires_at == before.expires_at
+    elif event is Event.restore:
+        assert after.preempted_by == "" and after.placement_group_id == "pg02"  # held again, in a new group
+        assert after.expires_at == before.expires_at and after.granted_at == before.granted_at
     else:
         assert after.expires_at == before.expires_at
         assert after.granted_at == before.granted_at
@@ -200,9 +210,10 @@ def test_an_ended_boost_never_becomes_active_again():
 
 @pytest.mark.parametrize("state, event", LEGAL, ids=[f"{s.value}-{e.value}" for s, e in LEGAL])
 def test_transition_does_not_mutate_its_input(state, event):
-    before = in_state(state)
+    before = in_state(state).model_copy(update={"preempted_by": "b-high" if event is Event.restore else ""})
     snapshot = before.model_dump()
-    after = transition(before, event, T2, reason="why not", placement_group_id="pg02", extra_seconds=300)
+    after = transition(before, event, T2, reason="why not", placement_group_id="pg02", extra_seconds=300,
+                       preempted_by="b-high")
     assert after is not before
     assert before.model_dump() == snapshot
     assert before.state is state
@@ -383,3 +394,16 @@ def test_placement_group_name_round_trip(boost_id):
 @pytest.mark.parametrize("name", ["other-pg", "", "boost-a1b2", "xgrid-boost-a1b2", "GRID-BOOST-a1b2"])
 def test_boost_id_of_foreign_groups_is_none(name):
     assert boost_id_of(name) is None
+
+
+def test_a_notice_names_its_preemptor_and_only_a_noticed_boost_is_restored():
+    b = transition(pending(), Event.grant, T1, placement_group_id="pg01")
+    with pytest.raises(IllegalTransition, match="names the preempting boost"):
+        transition(b, Event.notice, T2)
+    with pytest.raises(IllegalTransition, match="only a boost under a preemption notice"):
+        transition(b, Event.restore, T2, placement_group_id="pg02")
+    noticed = transition(b, Event.notice, T2, preempted_by="b-high")
+    assert noticed.state is S.active and noticed.preempted_by == "b-high"
+    assert transition(noticed, Event.preempt, T2).state is S.preempted  # the preemption completed
+    kept = transition(noticed, Event.restore, T2)  # no new group given: keeps its own
+    assert kept.preempted_by == "" and kept.placement_group_id == "pg01"
