@@ -21,7 +21,7 @@ NOTES = """
    same bundle, alternating, 15 repetitions. Each adapter call on the path is timed by wrapping it.
 4. **Release / expiry latency**: (a) from calling `boosts.release` on a boost holding all of gpu1's
    lendable CPU until a raw placement group of the same shape on gpu1 is ready (poll the lend tokens
-   every 20 ms, then create: DESIGN.md's advice, since an immediate re-create pays ~1 s of Ray
+   every 20 ms, then create (docs/architecture.md, "Ray facts"), since an immediate re-create pays ~1 s of Ray
    backoff), 8 repetitions; (b) a 2 s boost with no maintenance flow, a loop calling
    `boosts.expire_overdue` every 100 ms; from `expires_at` to the same raw group ready, 5 repetitions.
    Baseline: `remove_placement_group` of a raw group, then the same wait. With n=8 and n=5 the "p99"

@@ -31,7 +31,7 @@ from pydantic import (
 
 from grid_flows.units import check_amount, format_amount, format_bytes, parse_memory
 
-# Custom Ray resources that carry a node's lendable share (DESIGN.md section 5).
+# Custom Ray resources that carry a node's lendable share (docs/architecture.md, "Lend tokens").
 # Ray wants whole numbers at node start, so CPU and GPU are in thousandths, memory in MiB.
 LEND_CPU = "grid.lend.CPU_milli"
 LEND_GPU = "grid.lend.GPU_milli"

@@ -3,7 +3,7 @@
 A boost is a detached, named placement group with one bundle pinned on the source
 node by its ``grid.node`` label. The bundle carries the lend tokens that the node
 declared at start, so Ray itself refuses to lend past a node's share, whatever number
-of processes ask at once (DESIGN.md sections 2 and 5).
+of processes ask at once (docs/architecture.md, sections 1 and 2).
 
 Example:
     ```python
@@ -40,7 +40,7 @@ from grid_flows.settings import RAY_NAMESPACE, GridSettings, ray_address
 
 logger = logging.getLogger("grid_flows.ray_cluster")
 
-# Small object stores keep a one-machine cluster light (DESIGN.md section 4).
+# Small object stores keep a one-machine cluster light (docs/architecture.md, "Ray facts").
 LOCAL_OBJECT_STORE_BYTES = 78 * 1024**2
 _FAST_HEALTH_CHECK = {
     "RAY_health_check_period_ms": "200",

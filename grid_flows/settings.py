@@ -17,7 +17,7 @@ from prefect.settings.base import PrefectBaseSettings, build_settings_config
 from pydantic import Field
 
 # One Ray namespace everywhere: detached groups and actors are found by name only
-# from the namespace that made them (DESIGN.md section 4).
+# from the namespace that made them (docs/architecture.md, "Ray facts").
 RAY_NAMESPACE = "grid-flows"
 
 

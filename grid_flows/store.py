@@ -2,7 +2,7 @@
 
 One block document per boost (``boost-<id>``): creating a document with a new name is
 atomic, so concurrent requesters never overwrite each other. Blocks have no
-compare-and-swap (DESIGN.md section 4), so changes to an existing record happen under
+compare-and-swap (docs/architecture.md, "Records"), so changes to an existing record happen under
 the cluster's ledger lock (``ray_cluster.ledger_lock``).
 
 Example:
