@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import doctest
 import itertools
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -90,17 +88,6 @@ def in_state(state: BoostState, boost_id: str = "b-7f3e", **overrides) -> Boost:
 def test_docstring_examples_hold():
     result = doctest.testmod(ledger_module)
     assert result.attempted > 0 and result.failed == 0
-
-
-def test_ledger_imports_neither_ray_nor_prefect():
-    tree = ast.parse(Path(ledger_module.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert imported - set(sys.stdlib_module_names) - {"__future__"} == {"grid_flows"}
 
 
 def test_the_table_covers_every_pair():

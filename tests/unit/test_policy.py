@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import doctest
-import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -496,22 +493,6 @@ def test_decisions_are_frozen():
 
 
 # --- the module itself ----------------------------------------------------------------
-
-
-def imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names.add(node.module or "")
-    return names
-
-
-def test_policy_imports_only_the_standard_library_and_the_core():
-    imported = imported_modules(Path(policy_module.__file__))
-    outside = {n for n in imported if n.split(".")[0] not in sys.stdlib_module_names}
-    assert outside == {"grid_flows.models", "grid_flows.pressure"}
 
 
 def test_docstring_examples_hold():

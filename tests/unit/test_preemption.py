@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import doctest
 import itertools
-import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -71,18 +68,6 @@ def victim_ids(result: PreemptionPlan | None) -> list[str] | None:
 def test_docstring_examples_hold():
     result = doctest.testmod(preemption_module)
     assert result.attempted > 0 and result.failed == 0
-
-
-def test_preemption_imports_neither_ray_nor_prefect():
-    tree = ast.parse(Path(preemption_module.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module)
-    outside_stdlib = {m for m in imported if m.split(".")[0] not in sys.stdlib_module_names} - {"__future__"}
-    assert outside_stdlib == {"grid_flows.models"}
 
 
 # --- priority: only strictly lower ----------------------------------------------------

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 import doctest
 import itertools
 import math
 import random
-import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -310,22 +307,6 @@ def test_history_rejects_inconsistent_settings(kwargs):
 
 
 # --- the module itself --------------------------------------------------------------
-
-
-def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names.add(node.module or "")
-    return names
-
-
-def test_pressure_imports_only_the_standard_library():
-    imported = imported_modules(Path(pressure_module.__file__))
-    assert {name for name in imported if name.split(".")[0] not in sys.stdlib_module_names} == set()
 
 
 def test_docstring_examples_hold():

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import doctest
 import random
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import pytest
 
@@ -328,18 +325,6 @@ def test_place_unknown_strategy():
 
 
 # --- the module itself
-def test_imports_only_stdlib_and_models():
-    tree = ast.parse(Path(scheduler.__file__).read_text())
-    imported = set()
-    for stmt in ast.walk(tree):
-        if isinstance(stmt, ast.Import):
-            imported.update(a.name for a in stmt.names)
-        elif isinstance(stmt, ast.ImportFrom):
-            imported.add(stmt.module)
-    non_stdlib = {m for m in imported if m.split(".")[0] not in sys.stdlib_module_names}
-    assert non_stdlib == {"grid_flows.models"}
-
-
 def test_docstring_examples():
     result = doctest.testmod(scheduler)
     assert result.attempted >= 5
