@@ -51,7 +51,7 @@ from uuid import UUID, uuid4
 
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
-from prefect.states import State, exception_to_crashed_state
+from prefect.states import State, exception_to_crashed_state, exception_to_failed_state
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.task_runners import TaskRunner
 from prefect.utilities.collections import visit_collection
@@ -81,6 +81,7 @@ logger = logging.getLogger("grid_flows.runner")
 _REFRESH_SECONDS = 1.0
 _SORT_KEY = operator.attrgetter("sort_key")  # plain tuples: sorting compares in C
 _EXAMPLE_REASONS = 5
+_REMOTE_ONLY_OPTIONS = frozenset({"max_calls"})  # ray.remote() takes them; .options() raises
 _PREEMPTION_NOTICE = "it is being preempted by boost"  # why_unusable while a preemption is under way
 
 
@@ -326,6 +327,7 @@ class BoostRayTaskRunner(RayTaskRunner):
             self._task_env = {}
         super().__enter__()
         self._remote_fn = ray.remote(_run_guarded_task)
+        self._remote_fns: dict[tuple, Any] = {}
         self._load_cluster()
         for boost_id in self.boost_ids:
             from grid_flows.store import BoostStore
@@ -379,10 +381,12 @@ class BoostRayTaskRunner(RayTaskRunner):
         future = GridFuture(task_run_id=task_run_id)
         upstream = _futures_in(parameters) + [f for f in (wait_for or []) if isinstance(f, GridFuture)]
 
+        remote_fn, call_options = self._remote_for(remote_options)
+
         def submit_to_ray(options: dict, run_id: UUID, run_context: dict, guard: Any) -> Any:
             params, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
             return (
-                self._remote_fn.options(name=task.name, **{**self._task_env, **remote_options, **options})
+                remote_fn.options(name=task.name, **{**self._task_env, **call_options, **options})
                 .remote(
                     *upstream_refs,
                     task=task,
@@ -404,6 +408,20 @@ class BoostRayTaskRunner(RayTaskRunner):
             heapq.heappush(self._queue, queued)
             self._dispatch_ready()
         return future
+
+    def _remote_for(self, remote_options: dict) -> tuple[Any, dict]:
+        """The remote function for these options, and the options left for ``.options()``.
+        Ray takes some options (``max_calls``) only in ``ray.remote()``, as prefect-ray passes them."""
+        import ray
+
+        only = {k: v for k, v in remote_options.items() if k in _REMOTE_ONLY_OPTIONS}
+        if not only:
+            return self._remote_fn, remote_options
+        key = tuple(sorted(only.items()))
+        with self._cond:
+            if key not in self._remote_fns:
+                self._remote_fns[key] = ray.remote(**only)(_run_guarded_task)
+            return self._remote_fns[key], {k: v for k, v in remote_options.items() if k not in only}
 
     # -- boosts ----------------------------------------------------------------------------
 
@@ -496,6 +514,11 @@ class BoostRayTaskRunner(RayTaskRunner):
             while self._queue or self._in_flight:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    return False
+                if self._queue and not (self._dispatcher and self._dispatcher.is_alive()):
+                    names = ", ".join(sorted({item.task_name for item in self._queue}))
+                    self._say(logging.ERROR, f"{len(self._queue)} queued task(s) cannot start, the dispatcher "
+                                             f"is gone: {names}")
                     return False
                 self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
         return True
@@ -613,7 +636,11 @@ class BoostRayTaskRunner(RayTaskRunner):
             if requirement in no_room or not all(f.finished for f in item.upstream):
                 waiting.append(item)
                 continue
-            placement = place(requirement, view, boosts, self.strategy, index=self._index)
+            try:
+                placement = place(requirement, view, boosts, self.strategy, index=self._index)
+            except Exception as exc:  # a bug in placing one task must not stall the others
+                self._fail_undispatched(item, exc, "could not place")
+                continue
             if placement.kind is PlacementKind.queue:
                 no_room.add(requirement)
                 waiting.append(item)
@@ -627,7 +654,11 @@ class BoostRayTaskRunner(RayTaskRunner):
         node = placement.node or self.target
         node_spec = self._node_specs.get(node)
         guard = (node_spec, need.gpu) if node_spec is not None else None  # the node's resource mode
-        ref = item.submit(options, item.future.task_run_id, item.context, guard)
+        try:
+            ref = item.submit(options, item.future.task_run_id, item.context, guard)
+        except Exception as exc:  # e.g. options Ray refuses: this task fails, the others go on
+            self._fail_undispatched(item, exc, "could not submit")
+            return
         self._in_flight[ref] = _InFlight(item, placement.kind, node, placement.boost_id, need)
         if placement.kind is PlacementKind.boost:
             binding = self._bindings[placement.boost_id]
@@ -664,6 +695,18 @@ class BoostRayTaskRunner(RayTaskRunner):
                 # re-places a task lost with its node instead (_task_done).
                 options["max_retries"] = 0
         return options
+
+    def _fail_undispatched(self, item: _Queued, exc: BaseException, what: str) -> None:
+        """End a task that never reached Ray: its future resolves to a Failed state naming
+        the error, the flow run's log says so, and tasks waiting on it may go on. Under the lock."""
+        import ray
+
+        message = f"grid-flows {what} task {item.task_name} on Ray: {type(exc).__name__}: {exc}"
+        state = run_coro_as_sync(exception_to_failed_state(exc, message=message))
+        item.future._set_ref(ray.put(state), None)
+        item.future._finished.set()
+        self._say(logging.ERROR, message)
+        self._cond.notify_all()
 
     def _task_done(self, ref: Any, result: Any = None) -> None:
         with self._cond:
@@ -738,7 +781,11 @@ class BoostRayTaskRunner(RayTaskRunner):
                     self._cond.wait(timeout=0.2)
                     if self._stopping:
                         return
-                    self._dispatch_ready()
+                    try:
+                        self._dispatch_ready()
+                    except Exception as exc:  # never die silently: tasks would wait for ever
+                        self._say(logging.ERROR, f"grid-flows dispatcher error (it keeps going): "
+                                                 f"{type(exc).__name__}: {exc}")
                     crashed, self._crashed_runs = self._crashed_runs, []
                 for run_id, message in crashed:
                     _mark_crashed(store, run_id, message)

@@ -353,3 +353,40 @@ def test_queued_tasks_start_by_priority_whatever_order_they_came_in(grid, tmp_pa
     # One CPU, so one task at a time: every high-priority task starts before any low one.
     assert got["blocker"] < min(got["high"])
     assert max(got["high"]) < min(got["low"]), got
+
+
+@task
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+def test_options_only_ray_remote_accepts_work_as_with_prefect_ray(grid):
+    from prefect_ray.context import remote_options
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def once_per_worker() -> list[int]:
+        with remote_options(max_calls=1):  # refused by .options(); prefect-ray passes it to ray.remote()
+            futures = [plus_one.submit(i) for i in range(3)]
+        return [f.result(timeout=60) for f in futures]
+
+    assert once_per_worker() == [1, 2, 3]
+
+
+def test_a_task_ray_refuses_fails_alone_and_the_flow_ends(grid):
+    from prefect.states import State
+    from prefect_ray.context import remote_options
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def one_bad_option() -> tuple[State, list[int]]:
+        with remote_options(not_a_ray_option=1):
+            bad = plus_one.submit(0)
+        good = [plus_one.submit(i) for i in range(3)]
+        bad.wait(timeout=60)
+        return bad.state, [f.result(timeout=60) for f in good]
+
+    started = time.monotonic()
+    state, results = one_bad_option()
+    assert results == [1, 2, 3]  # the dispatcher went on
+    assert state.is_failed()
+    assert "could not submit task plus_one" in state.message and "not_a_ray_option" in state.message
+    assert time.monotonic() - started < 120
