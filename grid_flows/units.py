@@ -97,11 +97,18 @@ def _plain_number(text: str) -> float | None:
 
 
 def parse_memory(value: str | int | float | None, what: str = "memory") -> int:
-    """Bytes from an int (bytes) or a string such as ``"4GiB"``, ``"512MiB"``, ``"2GB"``."""
+    """Bytes from an int (bytes) or a string with a unit such as ``"4GiB"``, ``"512MiB"``, ``"2GB"``.
+
+    A string without a unit is refused: the seed's CLI read ``memory 8`` as gigabytes, bytes
+    would be a silent surprise, so bytes are accepted only as an explicit number."""
     if value is None:
         return 0
     if isinstance(value, str) and _plain_number(value) is not None:
-        value = _plain_number(value)
+        number = _plain_number(value)
+        if number and math.isfinite(number) and number > 0:
+            raise ValueError(f"{what} {value.strip()!r} has no unit: write e.g. '{value.strip()}GiB' or "
+                             f"'{value.strip()}MiB' (bytes only as a number, not text)")
+        value = number
     if isinstance(value, str):
         match = _QUANTITY.match(value)
         if not match or match.group(2).lower() not in _MEMORY_UNITS:

@@ -56,7 +56,7 @@ def test_reconcile_refuses_a_pending_timeout_that_is_not_a_finite_count_of_secon
 
 @pytest.mark.parametrize("args, message", [
     (["boost", "request", "gpu-master", "cpu", "1e-9"], "below the smallest amount a boost can hold"),
-    (["boost", "request", "gpu-master", "memory", "8"], "8 bytes is below the smallest amount"),
+    (["boost", "request", "gpu-master", "memory", "8"], "memory '8' has no unit: write e.g. '8GiB'"),
     (["boost", "release", "abc"], "too short: give at least 4 characters"),
 ])
 def test_tiny_amounts_and_short_prefixes_exit_2_and_leave_nothing(grid, capsys, args, message):

@@ -47,9 +47,8 @@ def test_docstring_examples_hold():
         ("3Mi", 3 * MIB),
         ("1T", 1000**4),
         ("1TiB", TIB),
-        ("100", 100),  # no unit: bytes
         ("100b", 100),
-        ("1e3", 1000),
+        ("1e3b", 1000),
         ("2E1MiB", 20 * MIB),
         ("0", 0),
         ("0GiB", 0),
@@ -342,7 +341,18 @@ def test_format_amount(value, expected):
 
 def test_no_float_parse_returns_nan_or_inf():
     # A sweep over the accepted spellings: every accepted value is finite.
-    for text in ("1", "1.5k", "2GiB", "7TiB", "1e10"):
+    for text in ("1b", "1.5k", "2GiB", "7TiB", "1e10b"):
         assert math.isfinite(parse_memory(text))
     for text in ("1", "1.5h", "2d", "1e10s"):
         assert math.isfinite(parse_duration(text))
+
+
+@pytest.mark.parametrize("text", ["8", " 8 ", "1e3", "0.5"])
+def test_a_memory_string_without_a_unit_is_refused_with_a_hint(text):
+    # The seed's `memory 8` meant GiB; reading it as 8 bytes granted a useless boost.
+    with pytest.raises(ValueError, match=rf"memory '{text.strip()}' has no unit: write e.g. '{text.strip()}GiB'"):
+        parse_memory(text)
+
+
+def test_bytes_stay_accepted_as_an_explicit_number():
+    assert parse_memory(8) == 8 and parse_memory(2**30) == 2**30 and parse_memory("8b") == 8
