@@ -94,6 +94,7 @@ def sharing_status_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Lenders (share, lent, free), borrowers (what they hold from whom), policy and mode."""
+    from grid_flows.ledger import held_by_borrower, held_by_lender
     from grid_flows.models import Resources
     from grid_flows.store import BoostStore
 
@@ -102,15 +103,17 @@ def sharing_status_command(
         live = [b for b in store.list() if not b.state.ended]
     sharing = spec.resource_sharing
     lenders = []
+    lent_by = held_by_lender(live, count_pending=True)  # as `grid cluster status` counts them
+    borrowed_by = held_by_borrower(live, count_pending=True)
     for node in spec.lenders():
-        lent = sum((b.resources for b in live if b.source == node.name), Resources())
+        lent = lent_by.get(node.name, Resources())
         lenders.append({"node": node.name, "priority": node.resource_sharing.priority, "share": node.share,
                         "lent": lent, "free": node.share.minus(lent),
                         "boosts": sum(b.source == node.name for b in live)})
     borrowers = []
     for target in sorted({b.target for b in live}):
         held = [b for b in live if b.target == target]
-        borrowers.append({"node": target, "borrowed": sum((b.resources for b in held), Resources()),
+        borrowers.append({"node": target, "borrowed": borrowed_by[target],
                           "from": sorted({b.source for b in held}), "boosts": len(held),
                           "by_rebalance": sum(b.origin == "rebalance" for b in held)})
     th = sharing.thresholds

@@ -167,16 +167,29 @@ def overdue(boosts: Iterable[Boost], now: datetime) -> list[Boost]:
     return [b for b in boosts if b.is_overdue(now)]
 
 
-def held_by_lender(boosts: Iterable[Boost]) -> dict[str, Resources]:
-    """Sum of the resources that active boosts hold, per source node.
+def held_by_lender(boosts: Iterable[Boost], *, count_pending: bool = False) -> dict[str, Resources]:
+    """What each lender has lent: the resources of its active boosts, per source node. The one
+    place that computes it.
 
-    Pending boosts do not count: several requesters may each have a pending record naming
-    the same lender, and Ray grants at most what the lender's tokens allow.
+    Pending boosts count only with ``count_pending`` (when planning more grants: they are
+    being admitted on that capacity now). Otherwise not: several requesters may each have
+    a pending record naming the same lender, and Ray grants at most what its tokens allow.
     """
+    return _held_by(boosts, "source", count_pending)
+
+
+def held_by_borrower(boosts: Iterable[Boost], *, count_pending: bool = False) -> dict[str, Resources]:
+    """What each target node borrows, counted as :func:`held_by_lender` counts."""
+    return _held_by(boosts, "target", count_pending)
+
+
+def _held_by(boosts: Iterable[Boost], node_field: str, count_pending: bool) -> dict[str, Resources]:
+    counted = {BoostState.active, BoostState.pending} if count_pending else {BoostState.active}
     held: dict[str, Resources] = defaultdict(Resources)
     for b in boosts:
-        if b.state is BoostState.active:
-            held[b.source] = held[b.source] + b.resources
+        if b.state in counted:
+            node = getattr(b, node_field)
+            held[node] = held[node] + b.resources
     return dict(held)
 
 

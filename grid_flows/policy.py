@@ -49,6 +49,7 @@ from grid_flows.models import (
     Threshold,
     Thresholds,
 )
+from grid_flows.ledger import held_by_lender
 from grid_flows.pressure import MetricsHistory, NodeSample, pressure_of, trend
 
 REBALANCE_ORIGIN = "rebalance"
@@ -275,11 +276,8 @@ def _grants(spec: ClusterSpec, view: _View, live: list[Boost], notes: list[str])
     if sharing.policy is SharingPolicy.conservative:
         notes.append("policy conservative does not grant boosts")
         return []
-    # Pending boosts count as held: they are being admitted on that capacity right now.
-    free = {
-        lender.name: lender.share.minus(sum((b.resources for b in live if b.source == lender.name), Resources()))
-        for lender in spec.lenders()
-    }
+    lent = held_by_lender(live, count_pending=True)  # pending: being admitted on that capacity now
+    free = {lender.name: lender.share.minus(lent.get(lender.name, Resources())) for lender in spec.lenders()}
     borrowers = [spec.head.name] + sorted({b.target for b in live} - {spec.head.name})
     decisions = []
     for borrower in borrowers:

@@ -38,7 +38,7 @@ from prefect import flow, get_run_logger
 
 from grid_flows import boosts
 from grid_flows import ray_cluster as rc
-from grid_flows.ledger import Event
+from grid_flows.ledger import Event, held_by_borrower, held_by_lender
 from grid_flows.metrics import (
     DEFAULT_PROBE_TIMEOUT_SECONDS,
     HISTORY_BLOCK_DEFAULT,
@@ -253,11 +253,12 @@ def cluster_status(spec: ClusterSpec, live_boosts: list[Boost], history, nodes: 
     ``nodes`` is ``ray_cluster.grid_nodes()`` or None when Ray could not be asked.
     """
     result = []
-    active = [b for b in live_boosts if not b.state.ended]
+    lent_by = held_by_lender(live_boosts, count_pending=True)  # a pending boost may hold its group already
+    borrowed_by = held_by_borrower(live_boosts, count_pending=True)
     for node in spec.nodes:
         info = (nodes or {}).get(node.name)
-        lent = sum((b.resources for b in active if b.source == node.name), Resources())
-        borrowed = sum((b.resources for b in active if b.target == node.name), Resources())
+        lent = lent_by.get(node.name, Resources())
+        borrowed = borrowed_by.get(node.name, Resources())
         if nodes is None:
             status = "unknown (Ray not reachable)"
         elif info is None:

@@ -18,6 +18,7 @@ from grid_flows.ledger import (
     allowed_events,
     boost_id_of,
     check_invariants,
+    held_by_borrower,
     held_by_lender,
     new_boost,
     overdue,
@@ -285,6 +286,13 @@ def test_held_by_lender_sums_active_boosts_per_source():
     }
     assert held_by_lender([]) == {}
     assert held_by_lender(iter(boosts[:1])) == {"gpu1": Resources(cpu=1, memory=GIB)}
+    # planning more grants counts what is being admitted too; ended boosts never count
+    assert held_by_lender(boosts, count_pending=True) == {
+        "gpu1": Resources(cpu=1.5, gpu=1, memory=GIB),
+        "gpu2": Resources(cpu=1),
+    }
+    assert held_by_borrower(boosts) == {"gpu-master": Resources(cpu=2, memory=GIB)}
+    assert held_by_borrower(boosts, count_pending=True) == {"gpu-master": Resources(cpu=2.5, gpu=1, memory=GIB)}
 
 
 # --- invariants -----------------------------------------------------------------------
