@@ -103,9 +103,6 @@ class GridBoost(Block):
             **data,
         )
 
-    def to_boost(self) -> Boost:
-        return boost_from_data(self.model_dump())
-
 
 class GridBoostHistory(GridBoost):
     """An ended boost (released, expired, preempted, lost or failed), kept for the record.
@@ -129,3 +126,8 @@ def boost_from_data(data: dict) -> Boost:
 
 def boost_document_name(boost_id: str) -> str:
     return f"boost-{boost_id}"
+
+
+# Defined beside the metrics it stores; imported here so the `prefect.collections` entry
+# point (this module) registers it with the other grid-flows block types.
+from grid_flows.metrics import GridMetricsHistory  # noqa: E402, F401

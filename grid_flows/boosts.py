@@ -570,7 +570,7 @@ class ReconcileReport:
         return out
 
 
-def reconcile(*, pending_timeout_seconds: float = 120.0, address: str | None = None) -> ReconcileReport:
+def reconcile(*, pending_timeout_seconds: float = ledger.PENDING_TIMEOUT_SECONDS, address: str | None = None) -> ReconcileReport:
     """Make Ray and the records agree, and trim the history to the cluster's retention.
 
     Idempotent, and safe while requests run, because of the order of the reads. A request

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from grid_flows.cli_cluster import cluster_app, sharing_app
+from grid_flows.ledger import PENDING_TIMEOUT_SECONDS
 from grid_flows.models import Boost, GridError, InvalidRequest, utcnow
 from grid_flows.units import format_amount, format_bytes, format_duration
 
@@ -49,11 +50,6 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 DEFAULT_CLUSTER_FILE = Path("blocks/cluster.yaml")
 SEED_RESOURCES = ("cpu", "gpu", "memory")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 # -- blocks -----------------------------------------------------------------------------
@@ -253,7 +249,7 @@ def boost_extend(
 
 @boost_app.command("reconcile")
 def boost_reconcile(
-    pending_timeout: float = typer.Option(120.0, "--pending-timeout", min=0,
+    pending_timeout: float = typer.Option(PENDING_TIMEOUT_SECONDS, "--pending-timeout", min=0,
                                           help="Seconds before a pending boost fails (finite, >= 0)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address; default RAY_ADDRESS."),
 ) -> None:

@@ -27,7 +27,6 @@ from rich.table import Table
 from grid_flows.models import InvalidRequest, NODE_LABEL
 
 offload_app = typer.Typer(no_args_is_help=True, help="Run commands where capacity is; find candidates to move.")
-limits_app = typer.Typer(no_args_is_help=True, help="Resource modes in force on nodes.")
 
 out = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -172,7 +171,6 @@ def scan(node: Optional[str], **limits: Any) -> tuple[list[dict], list[dict]]:
     return rows, skipped_rows
 
 
-@limits_app.command("show")
 def node_limits(
     name: str = typer.Argument(..., help="Node name from the cluster definition."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
@@ -240,4 +238,4 @@ def _probe_limits(limits) -> dict:
     }
 
 
-__all__ = ["offload_app", "limits_app", "node_limits", "scan"]
+__all__ = ["offload_app", "node_limits", "scan"]

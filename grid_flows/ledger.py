@@ -112,6 +112,9 @@ def new_boost(
     )
 
 
+PENDING_TIMEOUT_SECONDS = 120.0  # a request pending longer than this has died: reconcile fails it
+
+
 def allowed_events(state: BoostState) -> set[Event]:
     return set(_TRANSITIONS.get(state, {}))
 

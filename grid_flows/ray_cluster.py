@@ -357,17 +357,6 @@ def grid_groups(include_removed: bool = False) -> dict[str, GroupInfo]:
     return groups
 
 
-def wait_for_free(node: str, resources: Resources, timeout_seconds: float = 5.0) -> bool:
-    """Poll until ``node`` shows ``resources`` free (removal frees capacity ~100 ms later)."""
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        info = grid_nodes().get(node)
-        if info and resources.fits_in(info.free):
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def wait_for_lendable(node: str, resources: Resources, timeout_seconds: float = 5.0) -> bool:
     """Poll until ``node`` shows at least ``resources`` of lend tokens free."""
     deadline = time.monotonic() + timeout_seconds

@@ -523,11 +523,6 @@ class BoostRayTaskRunner(RayTaskRunner):
                 self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
         return True
 
-    @property
-    def placement_counts(self) -> dict[str, int]:
-        with self._cond:
-            return dict(self._counts)
-
     # -- placing ---------------------------------------------------------------------------
 
     def _load_cluster(self) -> None:

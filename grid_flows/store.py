@@ -43,10 +43,6 @@ _HEX = re.compile(r"[0-9a-f]+")
 logger = logging.getLogger("grid_flows.store")
 
 
-class StoreUnavailable(GridError):
-    """The Prefect API could not be reached or refused a request."""
-
-
 class ClusterNotConfigured(GridError):
     exit_code = 2
 

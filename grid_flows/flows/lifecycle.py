@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
 from grid_flows import boosts
+from grid_flows.ledger import PENDING_TIMEOUT_SECONDS
 from grid_flows.store import BoostStore
 
 
@@ -74,7 +75,7 @@ def expire_boosts() -> list[str]:
 
 @flow(name="grid-reconcile-boosts")
 def reconcile_boosts(
-    pending_timeout_seconds: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 120.0,
+    pending_timeout_seconds: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = PENDING_TIMEOUT_SECONDS,
 ) -> dict[str, list[str]]:
     """Make Ray and the boost records agree (orphan groups, lost or stuck boosts). Idempotent."""
     logger = get_run_logger()

@@ -63,3 +63,15 @@ def test_public_names_resolve_lazily():
         assert getattr(grid_flows, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         grid_flows.nope  # noqa: B018
+
+
+def test_the_collections_entry_point_registers_every_block_type():
+    from importlib.metadata import entry_points
+
+    from prefect.blocks.core import Block
+
+    (entry,) = [e for e in entry_points(group="prefect.collections") if e.name == "grid_flows"]
+    module = entry.load()
+    slugs = {v.get_block_type_slug() for v in vars(module).values()
+             if isinstance(v, type) and issubclass(v, Block) and v.__module__.startswith("grid_flows")}
+    assert slugs == {"grid-cluster", "grid-boost", "grid-boost-history", "grid-metrics-history"}
