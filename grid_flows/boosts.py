@@ -583,38 +583,29 @@ def reconcile(*, pending_timeout_seconds: float = ledger.PENDING_TIMEOUT_SECONDS
       group placed earlier, so an active record whose group is missing from the second
       read has truly lost it.
     """
+    from grid_flows.reconcile import ActionKind, Snapshot, plan
+
     _check_pending_timeout(pending_timeout_seconds)
     report = ReconcileReport()
     rc.connect(address)
     with BoostStore() as store:
-        groups_before = rc.grid_groups()
-        live = {b.id: b for b in store.list()}
+        groups_before = {name: g.group_id for name, g in rc.grid_groups().items()}
+        live = store.list()
         history = store.history()
-        for half_moved in set(live) & {b.id for b in history}:
-            store.delete(half_moved)  # a crash between the two writes of an end: the ended copy wins
-            del live[half_moved]
-        nodes = rc.grid_nodes()
-        groups_after = rc.grid_groups()
-        now = utcnow()
-        owners = {b.placement_group for b in live.values()}
-        for name, group in groups_before.items():
-            if name not in owners:
-                rc.remove_group(group.group_id)
-                report.removed_groups.append(name)
-        for b in live.values():
-            if b.state is BoostState.active:
-                source = nodes.get(b.source)
-                if b.placement_group not in groups_after:
-                    _end_if_still(store, b, Event.node_lost, "its placement group is gone", report.lost)
-                elif source is None or not source.alive:
-                    _end_if_still(store, b, Event.node_lost, f"lender {b.source} is down", report.lost)
-                elif b.is_overdue(now):
-                    _end_if_still(store, b, Event.expire, f"expired at {b.expires_at:%H:%M:%S} UTC", report.expired)
-                elif b.preempted_by and b.preempted_by not in live:
-                    _lift_stale_notice(store, b, report.restored)
-            elif (now - b.created_at).total_seconds() > pending_timeout_seconds:
-                _end_if_still(store, b, Event.fail, f"stuck pending for more than {pending_timeout_seconds:g} s",
-                              report.failed)
+        alive = {name: info.alive for name, info in rc.grid_nodes().items()}
+        snapshot = Snapshot(groups_before=groups_before, live=live, ended_ids={b.id for b in history},
+                            alive=alive, groups_after=set(rc.grid_groups()), now=utcnow())
+        changed = {Event.node_lost: report.lost, Event.expire: report.expired, Event.fail: report.failed}
+        for action in plan(snapshot, pending_timeout_seconds):
+            if action.kind is ActionKind.drop_live_copy:
+                store.delete(action.target)
+            elif action.kind is ActionKind.remove_group:
+                rc.remove_group(action.group_id)
+                report.removed_groups.append(action.target)
+            elif action.kind is ActionKind.end:
+                _end_if_still(store, action.target, action.event, action.reason, changed[action.event])
+            elif action.kind is ActionKind.lift_notice:
+                _lift_stale_notice(store, action.target, action.reason, report.restored)
         report.pruned = _prune_history(store, history)
     return report
 
@@ -638,29 +629,28 @@ def _prune_history(store: BoostStore, history: list[Boost]) -> list[str]:
     return store.prune_history(history, sharing.history_keep_count, sharing.history_keep_days * 86400)
 
 
-def _lift_stale_notice(store: BoostStore, seen: Boost, changed: list[str]) -> None:
+def _lift_stale_notice(store: BoostStore, boost_id: str, reason: str, changed: list[str]) -> None:
     """A preemption notice whose preemptor no longer lives (its requester died half way):
-    the boost keeps its group and runners may route into it again."""
+    the boost keeps its group and runners may route into it again. Re-checked under the lock."""
     with rc.ledger_lock():
-        current = store.get(seen.id)
-        if current.state is not BoostState.active or current.preempted_by != seen.preempted_by:
+        current = store.get(boost_id)
+        if current.state is not BoostState.active or not current.preempted_by:
             return
         with contextlib.suppress(UnknownBoost):
             if not store.get(current.preempted_by).state.ended:
                 return  # the preemption is still under way
-        store.save(ledger.transition(current, Event.restore, utcnow(),
-                                     reason=f"kept: the preemption by {current.preempted_by[:8]} did not complete"))
-    changed.append(seen.id)
+        store.save(ledger.transition(current, Event.restore, utcnow(), reason=reason))
+    changed.append(boost_id)
 
 
-def _end_if_still(store: BoostStore, seen: Boost, event: Event, reason: str, changed: list[str]) -> None:
-    """End ``seen`` unless its record moved on since it was read (then the next pass decides)."""
+def _end_if_still(store: BoostStore, boost_id: str, event: Event, reason: str, changed: list[str]) -> None:
+    """End the boost unless its record moved on since it was read (then the next pass decides)."""
     try:
-        ended = end(store, seen.id, event, reason)
+        ended = end(store, boost_id, event, reason)
     except ledger.IllegalTransition:
         return
     if ended.reason == reason:  # this pass ended it (not somebody else meanwhile)
-        changed.append(seen.id)
+        changed.append(boost_id)
 
 
 def release_everything(reason: str) -> None:

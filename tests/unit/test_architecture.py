@@ -20,6 +20,7 @@ CORE = [
     "grid_flows.preemption",
     "grid_flows.pressure",
     "grid_flows.policy",
+    "grid_flows.reconcile",
     "grid_flows.requirements",
     "grid_flows.cluster_file",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import doctest
 import itertools
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,19 +20,15 @@ from grid_flows.ledger import (
     check_invariants,
     held_by_borrower,
     held_by_lender,
-    new_boost,
     overdue,
     placement_group_name,
     transition,
 )
-from grid_flows.models import PLACEMENT_GROUP_PREFIX, Boost, BoostState, GridError, Priority, Resources
+from grid_flows.models import PLACEMENT_GROUP_PREFIX, BoostState, GridError, Resources
+
+from tests.factories import DURATION, GIB, T0, T1, T2, in_state, pending
 
 S = BoostState
-GIB = 1024**3
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)  # created
-T1 = T0 + timedelta(minutes=5)  # granted
-T2 = T1 + timedelta(minutes=20)  # later event
-DURATION = 600.0
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "blocks" / "cluster.yaml"
 
 # The lifecycle, written out independently of the module's table.
@@ -51,39 +47,6 @@ EXPECTED: dict[tuple[BoostState, Event], BoostState] = {
 ALL_PAIRS = list(itertools.product(BoostState, Event))
 LEGAL = [(s, e) for s, e in ALL_PAIRS if (s, e) in EXPECTED]
 ILLEGAL = [(s, e) for s, e in ALL_PAIRS if (s, e) not in EXPECTED]
-
-
-def pending(boost_id: str = "b-7f3e", **overrides) -> Boost:
-    fields = dict(
-        source="gpu1",
-        target="gpu-master",
-        resources=Resources(cpu=1, memory=GIB),
-        priority=Priority.high,
-        duration_seconds=DURATION,
-        now=T0,
-    )
-    fields.update(overrides)
-    return new_boost(boost_id, **fields)
-
-
-def in_state(state: BoostState, boost_id: str = "b-7f3e", **overrides) -> Boost:
-    """A consistent record in ``state``: granted at T1 if it was ever active, ended at T1 if it ended."""
-    b = pending(boost_id, **overrides)
-    if state is S.pending:
-        return b
-    if state is S.failed:  # the only end reachable from pending alone
-        return b.model_copy(update={"state": state, "ended_at": T1})
-    granted = b.model_copy(
-        update={
-            "state": S.active,
-            "granted_at": T1,
-            "expires_at": T1 + timedelta(seconds=b.duration_seconds),
-            "placement_group_id": "pg01",
-        }
-    )
-    if state is S.active:
-        return granted
-    return granted.model_copy(update={"state": state, "ended_at": T1})
 
 
 def test_docstring_examples_hold():
