@@ -2,7 +2,8 @@
 
 Each deployment runs at most one at a time; a run that comes due while the previous
 one still runs is cancelled (``CANCEL_NEW``). ``deployments/prefect.yaml`` declares the
-same flows and schedules for a work pool.
+same flows and schedules for a work pool; ``SCHEDULES`` is the source, and a test holds
+the file (and the rebalance interval of ``blocks/cluster.yaml``) equal to it.
 
 Example:
     ```python

@@ -21,3 +21,26 @@ def test_rebalance_runs_on_the_clusters_interval_and_the_rest_on_their_own():
     assert intervals == {**{name: float(s) for name, (_, s) in SCHEDULES.items()}, "grid-rebalance": 45.0}
     assert _intervals(maintenance_deployments(0.1, spec=spec))["grid-rebalance"] == pytest.approx(4.5)
     assert all(d.concurrency_limit == 1 for d in maintenance_deployments(spec=spec))
+
+
+def test_the_work_pool_file_declares_exactly_the_maintenance_schedules():
+    # SCHEDULES is the one source; deployments/prefect.yaml must say the same (it is static
+    # YAML for `prefect deploy`), and blocks/cluster.yaml's rebalance interval too.
+    from pathlib import Path
+
+    import yaml
+
+    from grid_flows.cluster_file import load_cluster_file
+    from grid_flows.maintenance import SCHEDULES
+
+    root = Path(__file__).resolve().parents[2]
+    declared = yaml.safe_load((root / "deployments" / "prefect.yaml").read_text())["deployments"]
+    maintenance = {d["name"]: d for d in declared if "maintenance" in d.get("tags", [])}
+    assert set(maintenance) == set(SCHEDULES)
+    for name, (flow_fn, seconds) in SCHEDULES.items():
+        entry = maintenance[name]
+        assert entry["schedules"] == [{"interval": seconds}], name
+        path, func = entry["entrypoint"].split(":")
+        assert func == flow_fn.fn.__name__ and (root / path).resolve() == Path(flow_fn.fn.__code__.co_filename).resolve()
+    spec = load_cluster_file(root / "blocks" / "cluster.yaml")
+    assert spec.resource_sharing.rebalance_interval_seconds == SCHEDULES["grid-rebalance"][1]
