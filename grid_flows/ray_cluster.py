@@ -265,6 +265,30 @@ def group_handle(group_id: str):
     return PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
 
 
+def task_options(kind, need: Resources, node: str | None, *, group=None, labelled: bool = True) -> dict:
+    """The Ray options that carry out one placement: the one builder, for the runner and
+    the offload flow. ``kind`` is a ``PlacementKind``; ``group`` the boost's group handle.
+
+    Tasks in a group or on a lender's label get ``max_retries=0``: a retry into a removed
+    group, or onto a dead lender's label, waits forever; callers re-place lost tasks."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from grid_flows.scheduler import PlacementKind
+
+    options: dict = {"num_cpus": need.cpu, "num_gpus": need.gpu}
+    if need.memory:
+        options["memory"] = need.memory
+    if kind is PlacementKind.boost:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+        options["max_retries"] = 0
+    elif labelled:
+        options["label_selector"] = {NODE_LABEL: node}
+        if kind is PlacementKind.offload:
+            options["resources"] = need.lend_tokens()  # Ray keeps it within the lender's share
+            options["max_retries"] = 0
+    return options
+
+
 def start_boost_group(name: str, source: str, resources: Resources):
     """Ask Ray to reserve ``resources`` on ``source`` as a detached group; returns at once.
 

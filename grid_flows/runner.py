@@ -61,7 +61,7 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
 
 from grid_flows import ray_cluster as rc
-from grid_flows.models import NODE_LABEL, Boost, BoostState, Priority, Resources, SharingMode, utcnow
+from grid_flows.models import Boost, BoostState, Priority, Resources, SharingMode, utcnow
 from grid_flows.requirements import Need, current_need
 from grid_flows.scheduler import (
     BoostView,
@@ -672,24 +672,9 @@ class BoostRayTaskRunner(RayTaskRunner):
         ref._on_completed(lambda result, ref=ref: self._task_done(ref, result))
 
     def _ray_options(self, placement: Placement, need: Resources) -> dict:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        options: dict[str, Any] = {"num_cpus": need.cpu, "num_gpus": need.gpu}
-        if need.memory:
-            options["memory"] = need.memory
-        if placement.kind is PlacementKind.boost:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self._bindings[placement.boost_id].handle, placement_group_bundle_index=0
-            )
-            options["max_retries"] = 0  # a retry into a removed group would hang forever
-        elif self._labelled:
-            options["label_selector"] = {NODE_LABEL: placement.node}
-            if placement.kind is PlacementKind.offload:
-                options["resources"] = need.lend_tokens()  # Ray enforces the lender's share
-                # Ray's retry would wait forever for a dead lender's label; the runner
-                # re-places a task lost with its node instead (_task_done).
-                options["max_retries"] = 0
-        return options
+        # A task lost with its group or lender is re-placed by _task_done (Ray does not retry it).
+        group = self._bindings[placement.boost_id].handle if placement.kind is PlacementKind.boost else None
+        return rc.task_options(placement.kind, need, placement.node, group=group, labelled=self._labelled)
 
     def _fail_undispatched(self, item: _Queued, exc: BaseException, what: str) -> None:
         """End a task that never reached Ray: its future resolves to a Failed state naming

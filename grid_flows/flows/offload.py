@@ -356,18 +356,8 @@ def _run(argv, cwd, env, node_spec, kind, where, reason, target, strategy, place
     from grid_flows.scheduler import PlacementKind
 
     limits = limits_for(node_spec)
-    options: Dict[str, Any] = {"num_cpus": resources.cpu, "num_gpus": resources.gpu}
-    if resources.memory:
-        options["memory"] = resources.memory
-    if kind is PlacementKind.boost:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            rc.group_handle(boost.placement_group_id), placement_group_bundle_index=0)
-    else:
-        options["label_selector"] = {NODE_LABEL: where}
-        if kind is PlacementKind.offload:
-            options["resources"] = resources.lend_tokens()  # Ray keeps it within the lender's share
+    group = rc.group_handle(boost.placement_group_id) if kind is PlacementKind.boost else None
+    options = rc.task_options(kind, resources, where, group=group)
 
     from prefect.runtime import flow_run
 
