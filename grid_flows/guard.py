@@ -4,17 +4,28 @@ A worker lends part of a machine that is often someone's desktop. Its resource m
 (``NodeSpec.mode``, with per-node ``mode_overrides``) says how hard borrowed work may
 lean on it:
 
-=============  ========  ======================  ==================================
-mode           VRAM cap  GPU task min interval   process priority
-=============  ========  ======================  ==================================
-conservative   50 %      100 ms                  nice 10, ionice idle
-default        70 %      50 ms                   nice 5, ionice best-effort 7
-aggressive     95 %      0 (no throttle)         unchanged
-=============  ========  ======================  ==================================
+=============  ========  ===============  ======================  ==================================
+mode           VRAM cap  default VRAM     GPU task min interval   process priority
+                         need (unstated)
+=============  ========  ===============  ======================  ==================================
+conservative   50 %      25 % of device   100 ms                  nice 10, ionice idle
+default        70 %      20 % of device   50 ms                   nice 5, ionice best-effort 7
+aggressive     95 %      10 % of device   0 (no throttle)         unchanged
+=============  ========  ===============  ======================  ==================================
+
+A GPU task is admitted when ``used + need <= cap * total`` on its device. Its need is
+what it states (``requires(gpu=1, vram="8GiB")`` or the ``grid:vram=8GiB`` tag, passed
+by the runner); a GPU task that states none is assumed to need the mode's default share
+of the device (never more than the cap), so an unstated task starts on a conservative
+node only while its GPU is at most 25 % used, 50 % on default, 85 % on aggressive. The
+more a lender protects its owner, the larger the guess, so a wrong guess errs on the
+owner's side. ``vram=0`` means "needs none": not checked.
 
 :func:`guard_task` is the one call a task makes when it starts on a node. The pure
 parts (the table, VRAM decisions, the throttle's reservation arithmetic) import neither
-Ray nor NVML; Ray is imported only inside the throttle functions.
+Ray nor NVML; Ray is imported only inside the throttle functions. The GPU probe is NVML,
+unless ``GRID_GPU_PROBE=module:name`` in the worker's environment names another
+:class:`GpuProbe` (an instance, a class or a factory), e.g. a fake one in tests.
 
 Example:
     >>> limits = limits_for_mode("default")
@@ -26,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -85,6 +97,7 @@ class ModeLimits:
     ionice_class: Optional[str]
     ionice_level: Optional[int]
     node: Optional[str] = None
+    default_vram_share: float = 0.0  # assumed need of a GPU task that states none, as a share of its device
 
     @property
     def gpu_interval_seconds(self) -> float:
@@ -106,9 +119,12 @@ class ModeLimits:
 
 
 MODE_TABLE: dict[ResourceMode, ModeLimits] = {
-    ResourceMode.conservative: ModeLimits(ResourceMode.conservative, 0.50, 100.0, 10, IONICE_IDLE, None),
-    ResourceMode.default: ModeLimits(ResourceMode.default, 0.70, 50.0, 5, IONICE_BEST_EFFORT, 7),
-    ResourceMode.aggressive: ModeLimits(ResourceMode.aggressive, 0.95, 0.0, None, None, None),
+    ResourceMode.conservative: ModeLimits(ResourceMode.conservative, 0.50, 100.0, 10, IONICE_IDLE, None,
+                                          default_vram_share=0.25),
+    ResourceMode.default: ModeLimits(ResourceMode.default, 0.70, 50.0, 5, IONICE_BEST_EFFORT, 7,
+                                     default_vram_share=0.20),
+    ResourceMode.aggressive: ModeLimits(ResourceMode.aggressive, 0.95, 0.0, None, None, None,
+                                        default_vram_share=0.10),
 }
 
 
@@ -143,7 +159,9 @@ def limits_for_mode(
         io_level = 7  # the lowest best-effort level: the lender's own I/O goes first
     if io_class != IONICE_BEST_EFFORT:
         io_level = None
-    return ModeLimits(mode, vram_cap, interval, nice, io_class, io_level, node)
+    # A cap lowered below the default share must not make every unstated task unfittable.
+    share = min(base.default_vram_share, vram_cap)
+    return ModeLimits(mode, vram_cap, interval, nice, io_class, io_level, node, default_vram_share=share)
 
 
 def limits_for(node: NodeSpec) -> ModeLimits:
@@ -323,6 +341,33 @@ class NvmlProbe:
                 pass
 
 
+PROBE_ENV = "GRID_GPU_PROBE"
+NEED_ENV = "GRID_VRAM_NEED_BYTES"  # the VRAM a started GPU task was admitted for (0: none checked)
+
+
+def default_probe() -> GpuProbe:
+    """The probe a task's guard uses: :class:`NvmlProbe`, or the one ``GRID_GPU_PROBE``
+    names as ``module:name`` (an instance, a class or a zero-argument factory).
+
+    A name that cannot be loaded, or that is not a probe, raises :class:`GpuProbeError`.
+    """
+    spec = os.environ.get(PROBE_ENV, "").strip()
+    if not spec:
+        return NvmlProbe()
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name.strip() or not attr.strip():
+        raise GpuProbeError(f"{PROBE_ENV}={spec!r}: expected module:name, e.g. mypkg.gpu:probe")
+    try:
+        obj = getattr(importlib.import_module(module_name.strip()), attr.strip())
+    except (ImportError, AttributeError) as exc:
+        raise GpuProbeError(f"{PROBE_ENV}={spec!r} cannot be loaded: {exc}") from None
+    if isinstance(obj, type) or (callable(obj) and not isinstance(obj, GpuProbe)):
+        obj = obj()
+    if not isinstance(obj, GpuProbe):
+        raise GpuProbeError(f"{PROBE_ENV}={spec!r} is not a GPU probe (no devices() method): {type(obj).__name__}")
+    return obj
+
+
 def _probe_status(probe: GpuProbe) -> str:
     return str(getattr(probe, "status", "") or "no GPU reported")
 
@@ -362,19 +407,32 @@ def _where(limits: ModeLimits, index: int) -> str:
     return f"node '{limits.node}' GPU {index}" if limits.node else f"GPU {index}"
 
 
-def check_vram(limits: ModeLimits, need_bytes: int, probe: GpuProbe, device_index: int = 0) -> VramDecision:
+def check_vram(limits: ModeLimits, need_bytes: int | None, probe: GpuProbe, device_index: int = 0) -> VramDecision:
     """May a task that needs ``need_bytes`` of GPU memory start now? (one probe, no wait)
 
-    OK when ``used + need <= cap * total`` on the device. A task that needs nothing is
-    always OK (the probe is not asked). No GPU is a decision that waiting cannot change
-    (``retryable=False``). A failing probe raises :class:`GpuProbeError`.
+    OK when ``used + need <= cap * total`` on the device. ``need_bytes=None`` (the task
+    stated no VRAM) is the mode's ``default_vram_share`` of the device; when the probe
+    sees no GPU there is then nothing to check it against, and the task is let through.
+    A task that needs nothing (0) is always OK (the probe is not asked). No GPU for a
+    stated need, and a need above the cap even on an idle device, are decisions that
+    waiting cannot change (``retryable=False``). A failing probe raises
+    :class:`GpuProbeError`.
     """
-    need_bytes = int(need_bytes)
-    if need_bytes < 0:
-        raise ValueError(f"need_bytes must be >= 0, got {need_bytes}")
-    if need_bytes == 0:
-        return VramDecision(True, "no GPU memory needed", device_index=device_index)
+    stated = need_bytes is not None
+    if stated:
+        need_bytes = int(need_bytes)
+        if need_bytes < 0:
+            raise ValueError(f"need_bytes must be >= 0, got {need_bytes}")
+        if need_bytes == 0:
+            return VramDecision(True, "no GPU memory needed", device_index=device_index)
     devices = probe.devices()
+    if not devices and not stated:
+        where = f"node '{limits.node}'" if limits.node else "this node"
+        return VramDecision(
+            True,
+            f"no VRAM stated and {where} shows no GPU to check ({_probe_status(probe)}): not checked",
+            device_index=device_index,
+        )
     if not devices:
         where = f"node '{limits.node}'" if limits.node else "this node"
         return VramDecision(
@@ -391,17 +449,32 @@ def check_vram(limits: ModeLimits, need_bytes: int, probe: GpuProbe, device_inde
             False,
             f"{_where(limits, device_index)} does not exist (GPUs: {known})",
             device_index=device_index,
-            need_bytes=need_bytes,
+            need_bytes=need_bytes or 0,
             retryable=False,
         )
     cap_bytes = int(math.floor(limits.vram_cap * device.total_bytes))
+    cap = (f"the {limits.mode.value} cap of {limits.vram_cap:.0%} of {format_bytes(device.total_bytes)} "
+           f"({format_bytes(cap_bytes)})")
+    if stated:
+        needed = f"{format_bytes(need_bytes)} needed"
+    else:
+        need_bytes = int(math.floor(limits.default_vram_share * device.total_bytes))
+        needed = (f"{format_bytes(need_bytes)} assumed needed (no VRAM stated: the {limits.mode.value} default "
+                  f"of {limits.default_vram_share:.0%} of the device)")
+    if need_bytes > cap_bytes:
+        return VramDecision(
+            False,
+            f"{_where(limits, device_index)}: {needed} is more than {cap} even with the GPU idle",
+            device_index=device_index,
+            used_bytes=device.used_bytes,
+            need_bytes=need_bytes,
+            cap_bytes=cap_bytes,
+            total_bytes=device.total_bytes,
+            retryable=False,
+        )
     ok = device.used_bytes + need_bytes <= cap_bytes
     verb = "fits in" if ok else "is over"
-    reason = (
-        f"{_where(limits, device_index)}: {format_bytes(device.used_bytes)} used + "
-        f"{format_bytes(need_bytes)} needed {verb} the {limits.mode.value} cap of "
-        f"{limits.vram_cap:.0%} of {format_bytes(device.total_bytes)} ({format_bytes(cap_bytes)})"
-    )
+    reason = f"{_where(limits, device_index)}: {format_bytes(device.used_bytes)} used + {needed} {verb} {cap}"
     return VramDecision(
         ok,
         reason,
@@ -415,7 +488,7 @@ def check_vram(limits: ModeLimits, need_bytes: int, probe: GpuProbe, device_inde
 
 def admit_gpu_task(
     limits: ModeLimits,
-    need_bytes: int,
+    need_bytes: int | None,
     probe: GpuProbe,
     wait_seconds: float = 30.0,
     poll_seconds: float = 0.5,
@@ -425,8 +498,10 @@ def admit_gpu_task(
 ) -> VramDecision:
     """Wait, at most ``wait_seconds``, until the task's VRAM fits under the cap.
 
-    Raises :class:`VramCapExceeded` when it never fits, :class:`GpuUnavailable` at once
-    when there is no GPU (or no such device), :class:`GpuProbeError` when NVML fails.
+    ``need_bytes=None``: the task stated none, the mode's default share is assumed.
+    Raises :class:`VramCapExceeded` when it does not fit within the wait (at once when
+    it could not fit even on an idle device), :class:`GpuUnavailable` at once when there
+    is no GPU (or no such device), :class:`GpuProbeError` when NVML fails.
     """
     start = clock()
     deadline = start + max(0.0, wait_seconds)
@@ -436,7 +511,8 @@ def admit_gpu_task(
         if decision.ok:
             return _with_wait(decision, now - start)
         if not decision.retryable:
-            raise GpuUnavailable(decision.reason)
+            # A device that exists but is too small for the cap, or no GPU at all.
+            raise (VramCapExceeded if decision.total_bytes else GpuUnavailable)(decision.reason)
         if now >= deadline:
             raise VramCapExceeded(f"{decision.reason}; still over after waiting {now - start:.1f} s")
         sleep(max(0.0, min(poll_seconds, deadline - now)))
@@ -709,7 +785,7 @@ class GuardReport:
 def guard_task(
     node: NodeSpec,
     need_gpu: float,
-    need_memory_bytes_gpu: int,
+    need_memory_bytes_gpu: int | None = None,
     probe: GpuProbe | None = None,
     *,
     wait_seconds: float = 30.0,
@@ -722,16 +798,22 @@ def guard_task(
     cap (else :class:`VramCapExceeded` / :class:`GpuUnavailable`), and gets the cap
     exported. The slot comes first so that each admission sees the memory the task
     before it has taken, rather than many tasks passing the check together.
+
+    ``need_memory_bytes_gpu`` is the task's stated VRAM need (the runner passes
+    ``requires(vram=...)`` / ``grid:vram=``); None means none was stated and the mode's
+    default share of the device is assumed. The need admitted for is exported as
+    ``GRID_VRAM_NEED_BYTES``. ``probe`` defaults to :func:`default_probe`.
     """
     limits = limits_for(node)
     report = GuardReport(node=node.name, limits=limits)
     report.priority = apply_process_priority(limits)
     if need_gpu <= 0:
         return report
-    probe = probe if probe is not None else NvmlProbe()
+    probe = probe if probe is not None else default_probe()
     report.throttle_wait_seconds = (throttle or throttle_gpu_start)(node.name, limits.gpu_interval_ms).waited_seconds
     visible = visible_device_indices()
     device_index = visible[0] if visible else 0
     report.vram = admit_gpu_task(limits, need_memory_bytes_gpu, probe, wait_seconds=wait_seconds, device_index=device_index)
+    os.environ[NEED_ENV] = str(report.vram.need_bytes)
     report.vram_cap = apply_vram_cap(limits, probe)
     return report

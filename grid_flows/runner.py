@@ -648,7 +648,8 @@ class BoostRayTaskRunner(RayTaskRunner):
         options = self._ray_options(placement, need)
         node = placement.node or self.target
         node_spec = self._node_specs.get(node)
-        guard = (node_spec, need.gpu) if node_spec is not None else None  # the node's resource mode
+        # The node's resource mode, and the VRAM need (None: unstated) its guard admits the task for.
+        guard = (node_spec, need.gpu, item.need.vram) if node_spec is not None else None
         try:
             ref = item.submit(options, item.future.task_run_id, item.context, guard)
         except Exception as exc:  # e.g. options Ray refuses: this task fails, the others go on
@@ -899,14 +900,15 @@ def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any
     """Runs in the Ray worker: apply the node's resource mode, then prefect-ray's task body
     under the worker's cached settings and open API client (task_context.py).
 
-    ``grid_guard`` is (NodeSpec, GPUs needed): priority is lowered as the mode says, and a
-    GPU task waits for the node's throttle and its VRAM cap before it starts (guard.py).
+    ``grid_guard`` is (NodeSpec, GPUs needed, VRAM bytes needed or None): priority is lowered
+    as the mode says, and a GPU task waits for the node's throttle and its VRAM cap before it
+    starts (guard.py).
     """
     if grid_guard is not None:
         from grid_flows.guard import guard_task
 
-        node, need_gpu = grid_guard
-        guard_task(node, need_gpu, 0)
+        node, need_gpu, need_vram = grid_guard
+        guard_task(node, need_gpu, need_vram)
     context = kwargs.get("context") or {}
     if not context.get("settings_context"):
         return RayTaskRunner._run_prefect_task(*upstream_refs, **kwargs)

@@ -1,18 +1,32 @@
-"""Worker-side limits on real Ray nodes: the per-node GPU throttle and process priority."""
+"""Worker-side limits on real Ray nodes: the per-node GPU throttle, process priority, and
+the VRAM cap fed with a task's real need through BoostRayTaskRunner (a fake NVML-shaped
+probe stands in for the GPU that the test machine does not have)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
 import ray
+from prefect import flow, task
+from prefect_ray.context import remote_options
 
-from grid_flows import guard
+from grid_flows import BoostRayTaskRunner, guard, requires
 from grid_flows import ray_cluster as rc
-from grid_flows.guard import GpuUnavailable, apply_process_priority, guard_task, limits_for, limits_for_mode
+from grid_flows.guard import (
+    GpuDevice,
+    GpuUnavailable,
+    VramCapExceeded,
+    apply_process_priority,
+    guard_task,
+    limits_for,
+    limits_for_mode,
+)
 from grid_flows.models import NODE_LABEL, ResourceMode
 from grid_flows.settings import RAY_NAMESPACE
 
@@ -51,7 +65,7 @@ def _lower_priority(limits) -> dict:
 
 
 @ray.remote(num_cpus=0, num_gpus=1, max_retries=0, max_calls=1)  # a GPU task: Ray gives it gpu1's (logical) GPU
-def _guarded(node, need_bytes: int):
+def _guarded(node, need_bytes: int | None):
     report = guard_task(node, need_gpu=1, need_memory_bytes_gpu=need_bytes)
     return report, psutil.Process().nice()
 
@@ -137,5 +151,137 @@ def test_guard_task_in_a_gpu_task_on_a_node_without_nvidia(grid):
         with pytest.raises(GpuUnavailable, match="node 'gpu1' has no GPU to give 1 GiB"):
             ray.get(_guarded.options(label_selector=ON_GPU1).remote(node, 1024**3), timeout=60)
         assert guard.throttle_starts("gpu1") == 2
+
+        # No VRAM stated: the mode's default need has no device to be checked against.
+        report, _ = ray.get(_guarded.options(label_selector=ON_GPU1).remote(node, None), timeout=60)
+        assert report.vram.ok and report.vram.reason.startswith("no VRAM stated and node 'gpu1' shows no GPU")
     finally:
         guard.kill_throttle("gpu1")
+
+
+# --------------------------------------------------------------------------- the VRAM need through the runner
+
+GIB = 1024**3
+DEVICE = 8 * GIB  # the fake GPU of gpu1 (conservative: cap 50% = 4 GiB; unstated need 25% = 2 GiB)
+
+
+class FakeNvml:
+    """An NVML-shaped probe for Ray workers, loaded by the guard from
+    ``GRID_GPU_PROBE=tests.integration.test_guard:FakeNvml``: one device whose total and used
+    bytes are read from the JSON file named by ``GRID_TEST_GPU_FILE`` at every call (the test
+    changes it while a task waits); every call appends a line to ``<file>.asked``."""
+
+    status = "fake NVML (tests)"
+
+    def devices(self) -> list[GpuDevice]:
+        path = Path(os.environ["GRID_TEST_GPU_FILE"])
+        data = json.loads(path.read_text())
+        with open(f"{path}.asked", "a") as asked:
+            asked.write(f"{time.time()}\n")
+        return [GpuDevice(0, int(data["total"]), int(data["used"]), 5.0)]
+
+
+class FakeGpu:
+    def __init__(self, path: Path, api_url: str):
+        self.path = path
+        self.set(used=0)
+        # Tasks given this runtime_env run in workers of their own, with the fake probe.
+        self.runtime_env = {
+            "env_vars": {
+                "PREFECT_API_URL": api_url,
+                guard.PROBE_ENV: f"{__name__}:FakeNvml",
+                "GRID_TEST_GPU_FILE": str(path),
+            }
+        }
+
+    def set(self, used: int) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"total": DEVICE, "used": used}))
+        os.replace(tmp, self.path)  # a worker never reads half a file
+
+    def asked(self) -> int:
+        asked = Path(f"{self.path}.asked")
+        return len(asked.read_text().splitlines()) if asked.exists() else 0
+
+
+@pytest.fixture
+def fake_gpu(grid, tmp_path):
+    guard.kill_throttle("gpu1")
+    try:
+        yield FakeGpu(tmp_path / "gpu.json", grid.api_url)
+    finally:
+        guard.kill_throttle("gpu1")
+
+
+@task
+def vram_task() -> dict:
+    """What the guard left in the worker's environment for this GPU task."""
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "need": int(os.environ.get(guard.NEED_ENV, "-1")),
+        "limit": int(os.environ.get("GRID_VRAM_LIMIT_BYTES", "-1")),
+        "started": time.time(),
+    }
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)  # polling a file the worker appends to, bounded by the deadline
+    return True
+
+
+def test_a_conservative_lender_refuses_a_gpu_task_whose_vram_would_take_it_past_50_percent(fake_gpu):
+    fake_gpu.set(used=int(0.40 * DEVICE))  # the owner already uses 40% of gpu1's GPU
+
+    @flow(task_runner=BoostRayTaskRunner())
+    def two_gpu_tasks() -> tuple:
+        with remote_options(runtime_env=fake_gpu.runtime_env):
+            with requires(cpu=1, gpu=1, vram=int(0.05 * DEVICE)):  # 40% + 5% fits under 50%
+                small = vram_task.submit().result(timeout=120)
+            with requires(cpu=1, gpu=1, vram=int(0.20 * DEVICE)):  # 40% + 20% does not
+                big = vram_task.submit()
+        started = time.monotonic()
+        try:
+            big.result(timeout=150)
+        except Exception as exc:
+            return small, (isinstance(exc, VramCapExceeded), str(exc), time.monotonic() - started)
+        return small, None
+
+    small, refused = two_gpu_tasks()
+
+    assert {info.node_id: name for name, info in rc.grid_nodes().items()}[small["node_id"]] == "gpu1"
+    assert small["need"] == int(0.05 * DEVICE)  # the need stated in requires() reached the guard
+    assert small["limit"] == DEVICE // 2
+    assert refused is not None, "the 20% task ran on a GPU at 40% under a 50% cap"
+    is_cap_error, message, waited = refused
+    assert is_cap_error
+    assert (
+        "node 'gpu1' GPU 0: 3.2 GiB used + 1.6 GiB needed is over the conservative cap of 50% of 8 GiB (4 GiB); "
+        "still over after waiting 30"
+    ) in message
+    assert waited >= 29  # held on the worker for the guard's admission wait, then refused
+
+
+def test_an_unstated_gpu_task_waits_on_a_conservative_lender_until_the_modes_default_fits(fake_gpu):
+    fake_gpu.set(used=int(0.40 * DEVICE))  # 40% + the conservative default of 25% is over 50%
+
+    @flow(task_runner=BoostRayTaskRunner())
+    def unstated() -> tuple:
+        with remote_options(runtime_env=fake_gpu.runtime_env):
+            with requires(cpu=1, gpu=1):  # no vram: the node's mode default applies
+                future = vram_task.submit()
+        held = _wait_for(lambda: fake_gpu.asked() >= 2, 90)  # the guard checked, waited, checked again
+        finished_early = future.finished
+        released = time.time()
+        fake_gpu.set(used=int(0.10 * DEVICE))  # the owner frees memory: 10% + 25% fits
+        return held, finished_early, released, future.result(timeout=60)
+
+    held, finished_early, released, row = unstated()
+
+    assert held and not finished_early
+    assert row["started"] >= released  # it ran only once the memory was freed
+    assert row["need"] == int(0.25 * DEVICE)  # admitted for the conservative default
+    assert row["limit"] == DEVICE // 2

@@ -95,8 +95,25 @@ def test_limits_for_node_applies_overrides_and_names_the_node():
         mode_overrides={"vram_cap": 0.3, "gpu_interval_ms": 250, "nice": 15},
     )
     limits = limits_for(node)
-    assert limits == ModeLimits(ResourceMode.conservative, 0.3, 250.0, 15, "idle", None, node="desk")
+    assert limits == ModeLimits(ResourceMode.conservative, 0.3, 250.0, 15, "idle", None, node="desk",
+                                default_vram_share=0.25)
     assert limits.gpu_interval_seconds == 0.25
+
+
+@pytest.mark.parametrize("mode, share", [("conservative", 0.25), ("default", 0.20), ("aggressive", 0.10)])
+def test_default_vram_need_of_each_mode(mode, share):
+    """What a GPU task that states no VRAM is assumed to need, as README and the module table say."""
+    assert limits_for_mode(mode).default_vram_share == share
+    # An unstated task starts only while the device is at most cap - share used: 25 / 50 / 85 %.
+    limits = limits_for_mode(mode)
+    assert check_vram(limits, None, FakeProbe(gpu(10 * (limits.vram_cap - share) - 0.01))).ok
+    assert not check_vram(limits, None, FakeProbe(gpu(10 * (limits.vram_cap - share) + 0.01))).ok
+
+
+def test_default_vram_need_never_exceeds_a_lowered_cap():
+    limits = limits_for_mode("conservative", ModeOverrides(vram_cap=0.1))
+    assert limits.default_vram_share == 0.1  # clamped: an idle device still admits an unstated task
+    assert check_vram(limits, None, FakeProbe(gpu(0))).ok
 
 
 def test_limits_for_node_without_overrides_is_the_table_row():
@@ -155,6 +172,32 @@ def test_check_vram_without_gpu():
     assert check_vram(limits, 0, probe).ok and probe.calls == 0  # nothing needed: nothing asked
 
 
+def test_check_vram_unstated_need_is_the_modes_share_of_the_device():
+    limits = limits_for_mode("conservative", node="gpu1")  # cap 50% of 10 GiB, unstated need 25%
+    fits = check_vram(limits, None, FakeProbe(gpu(2)))
+    assert fits.ok and fits.need_bytes == int(0.25 * 10 * GIB) and fits.cap_bytes == 5 * GIB
+    held = check_vram(limits, None, FakeProbe(gpu(4)))
+    assert not held.ok and held.retryable and held.need_bytes == int(0.25 * 10 * GIB)
+    assert held.reason == (
+        "node 'gpu1' GPU 0: 4 GiB used + 2.5 GiB assumed needed (no VRAM stated: the conservative default of "
+        "25% of the device) is over the conservative cap of 50% of 10 GiB (5 GiB)"
+    )
+
+
+def test_check_vram_unstated_need_without_gpu_is_not_checked():
+    d = check_vram(limits_for_mode("default", node="gpu1"), None, FakeProbe([], status="no NVIDIA driver"))
+    assert d.ok and d.need_bytes == 0
+    assert d.reason == "no VRAM stated and node 'gpu1' shows no GPU to check (no NVIDIA driver): not checked"
+
+
+def test_check_vram_need_above_the_cap_of_an_idle_device_cannot_be_waited_for():
+    d = check_vram(limits_for_mode("conservative", node="gpu1"), 6 * GIB, FakeProbe(gpu(0)))
+    assert not d.ok and not d.retryable
+    assert d.reason == (
+        "node 'gpu1' GPU 0: 6 GiB needed is more than the conservative cap of 50% of 10 GiB (5 GiB) even with the GPU idle"
+    )
+
+
 def test_check_vram_unknown_device():
     d = check_vram(limits_for_mode("default"), GIB, FakeProbe(gpu(1)), device_index=3)
     assert not d.ok and not d.retryable and "GPU 3 does not exist (GPUs: 0)" in d.reason
@@ -201,6 +244,22 @@ def test_admit_without_gpu_fails_at_once_and_need_zero_passes():
         admit_gpu_task(limits_for_mode("default"), GIB, FakeProbe([]), sleep=t.sleep, clock=t.clock)
     assert t.sleeps == []
     assert admit_gpu_task(limits_for_mode("default"), 0, FakeProbe([]), sleep=t.sleep, clock=t.clock).ok
+
+
+def test_admit_fails_at_once_for_a_need_above_the_cap():
+    t = FakeTime()
+    probe = FakeProbe(gpu(0))
+    with pytest.raises(VramCapExceeded, match=r"6 GiB needed is more than the conservative cap of 50%"):
+        admit_gpu_task(limits_for_mode("conservative"), 6 * GIB, probe, wait_seconds=30, sleep=t.sleep, clock=t.clock)
+    assert probe.calls == 1 and t.sleeps == []
+
+
+def test_admit_holds_an_unstated_task_until_the_default_fits():
+    t = FakeTime()
+    probe = FakeProbe(gpu(4), gpu(4), gpu(2))  # conservative: 25% of 10 GiB assumed, cap 5 GiB
+    d = admit_gpu_task(limits_for_mode("conservative"), None, probe, wait_seconds=30, poll_seconds=0.5,
+                       sleep=t.sleep, clock=t.clock)
+    assert d.ok and probe.calls == 3 and d.waited_seconds == pytest.approx(1.0)
 
 
 def test_admit_propagates_probe_errors_without_waiting():
@@ -480,3 +539,89 @@ def test_guard_task_gpu_over_cap_raises(monkeypatch):
         guard_task(
             NodeSpec(name="gpu1", mode="aggressive"), 1, 2 * GIB, probe=FakeProbe(gpu(9)), wait_seconds=0, throttle=lambda n, i: guard.ThrottleSlot(0.0, 0.0)
         )
+
+
+def _no_priority_no_throttle(monkeypatch):
+    monkeypatch.setattr(guard, "apply_process_priority", lambda limits: {})
+    # setenv first, so that what guard_task exports is removed again after the test.
+    for key in ("CUDA_VISIBLE_DEVICES", guard.NEED_ENV, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "GRID_VRAM_CAP",
+                "GRID_VRAM_LIMIT_BYTES"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    return lambda n, i: guard.ThrottleSlot(0.0, 0.0)
+
+
+def test_guard_task_without_a_stated_need_admits_for_the_modes_default(monkeypatch):
+    throttle = _no_priority_no_throttle(monkeypatch)
+    node = NodeSpec(name="gpu1", mode="conservative")
+    report = guard_task(node, 1, None, probe=FakeProbe(gpu(2)), throttle=throttle)
+    assert report.vram.ok and report.vram.need_bytes == int(0.25 * 10 * GIB)
+    assert guard.os.environ[guard.NEED_ENV] == str(int(0.25 * 10 * GIB))
+    with pytest.raises(VramCapExceeded, match="assumed needed .* over the conservative cap of 50%"):
+        guard_task(node, 1, probe=FakeProbe(gpu(4)), wait_seconds=0, throttle=throttle)
+
+
+def test_guard_task_stated_need_is_checked_and_exported(monkeypatch):
+    throttle = _no_priority_no_throttle(monkeypatch)
+    node = NodeSpec(name="gpu1", mode="conservative")  # cap 5 GiB of 10 GiB, 4 GiB used
+    report = guard_task(node, 1, GIB, probe=FakeProbe(gpu(4)), throttle=throttle)
+    assert report.vram.ok and guard.os.environ[guard.NEED_ENV] == str(GIB)
+    with pytest.raises(VramCapExceeded, match=r"4 GiB used \+ 2 GiB needed is over the conservative cap of 50%"):
+        guard_task(node, 1, 2 * GIB, probe=FakeProbe(gpu(4)), wait_seconds=0, throttle=throttle)
+    zero = guard_task(node, 1, 0, probe=FakeProbe(gpu(9)), throttle=throttle)  # vram=0: not checked
+    assert zero.vram.ok and guard.os.environ[guard.NEED_ENV] == "0"
+
+
+# --------------------------------------------------------------------------- the probe a worker uses
+
+
+class ProbeForEnv:
+    status = "fake for GRID_GPU_PROBE"
+
+    def devices(self):
+        return gpu(3)
+
+
+PROBE_INSTANCE = ProbeForEnv()
+NOT_A_PROBE = 42
+
+
+def make_probe():
+    return ProbeForEnv()
+
+
+def test_default_probe_is_nvml_without_the_variable(monkeypatch):
+    monkeypatch.delenv(guard.PROBE_ENV, raising=False)
+    assert isinstance(guard.default_probe(), NvmlProbe)
+    monkeypatch.setenv(guard.PROBE_ENV, "  ")
+    assert isinstance(guard.default_probe(), NvmlProbe)
+
+
+@pytest.mark.parametrize("name", ["PROBE_INSTANCE", "ProbeForEnv", "make_probe"])
+def test_default_probe_loads_the_named_probe(monkeypatch, name):
+    monkeypatch.setenv(guard.PROBE_ENV, f"{__name__}:{name}")
+    probe = guard.default_probe()
+    assert isinstance(probe, ProbeForEnv) and probe.devices() == gpu(3)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("no_colon_here", "expected module:name"),
+        (":probe", "expected module:name"),
+        ("grid_flows.nowhere_to_be_found:probe", "cannot be loaded: No module named"),
+        (f"{__name__}:missing", "cannot be loaded: module .* has no attribute 'missing'"),
+        (f"{__name__}:NOT_A_PROBE", "is not a GPU probe"),
+    ],
+)
+def test_default_probe_refuses_a_bad_name(monkeypatch, value, message):
+    monkeypatch.setenv(guard.PROBE_ENV, value)
+    with pytest.raises(GpuProbeError, match=message):
+        guard.default_probe()
+
+
+def test_guard_task_uses_the_probe_named_in_the_environment(monkeypatch):
+    throttle = _no_priority_no_throttle(monkeypatch)
+    monkeypatch.setenv(guard.PROBE_ENV, f"{__name__}:make_probe")
+    report = guard_task(NodeSpec(name="gpu1", mode="default"), 1, GIB, throttle=throttle)
+    assert report.vram.used_bytes == 3 * GIB and report.vram_cap["env"]["GRID_VRAM_CAP"] == "0.7"
