@@ -334,6 +334,12 @@ def _connection_problem(exc: BaseException) -> str | None:
 
 
 def main() -> None:
+    import logging
+
+    # Prefect's event worker flushes the grid.boost.* events at exit and says "Still
+    # processing items: N items remaining..." while it does; the events are sent either way.
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+
     def invoke() -> None:
         try:
             app(standalone_mode=False)

@@ -270,6 +270,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._run_logger = None
         self._crashed_runs: list[tuple[UUID, str]] = []
         self._stranded: set = set()
+        self._to_cancel: list = []  # refs of tasks stranded on a dead node, cancelled by the dispatcher
         self._node_specs: dict = {}
         self._grace_seconds = 30.0
         self._spec = None
@@ -382,11 +383,12 @@ class BoostRayTaskRunner(RayTaskRunner):
         upstream = _futures_in(parameters) + [f for f in (wait_for or []) if isinstance(f, GridFuture)]
 
         remote_fn, call_options = self._remote_for(remote_options)
+        call_options = _with_worker_env(call_options, self._task_env)
 
         def submit_to_ray(options: dict, run_id: UUID, run_context: dict, guard: Any) -> Any:
             params, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
             return (
-                remote_fn.options(name=task.name, **{**self._task_env, **call_options, **options})
+                remote_fn.options(name=task.name, **{**call_options, **options})
                 .remote(
                     *upstream_refs,
                     task=task,
@@ -719,8 +721,7 @@ class BoostRayTaskRunner(RayTaskRunner):
             if binding and binding.usable:
                 binding.usable, binding.why_unusable = False, f"lender {flight.node} is gone"
         else:
-            self._alive[flight.node] = False
-            self._node_changed(flight.node)
+            self._node_died(flight.node)
         item = flight.item
         old_run_id, new_run_id = item.future.task_run_id, uuid4()
         item.context = _with_task_run_id(item.context, new_run_id)
@@ -731,17 +732,25 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._say(logging.WARNING, f"Task {item.task_name} was lost with {flight.node} ({type(error).__name__}); "
                                    "running it again elsewhere")
 
+    def _node_died(self, name: str) -> None:
+        """``name`` is gone: place nothing there, and cancel (then re-place) the tasks sent
+        there that have not reported, since one still waiting for its lease would wait for
+        the dead node's label for ever. Under the lock; the dispatcher does the cancelling."""
+        if self._alive.get(name) is not False:
+            self._alive[name] = False
+            self._node_changed(name)
+        refs = [ref for ref, f in self._in_flight.items()
+                if f.node == name and f.kind is PlacementKind.offload and ref not in self._stranded]
+        self._stranded.update(refs)
+        self._to_cancel.extend(refs)
+
     def _cancel_stranded(self, binding: _Binding) -> None:
         """Tasks still waiting inside a removed or homeless group would wait forever: cancel
         them, and _task_done runs them again elsewhere."""
-        import ray
-
         with self._cond:
             refs = [ref for ref, f in self._in_flight.items() if f.boost_id == binding.boost.id]
             self._stranded.update(refs)
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=False)
+        _cancel(refs)
 
     def _say(self, level: int, message: str) -> None:
         """Log to this module and, when known, to the flow run's log in the Prefect UI."""
@@ -768,8 +777,10 @@ class BoostRayTaskRunner(RayTaskRunner):
                         self._say(logging.ERROR, f"grid-flows dispatcher error (it keeps going): "
                                                  f"{type(exc).__name__}: {exc}")
                     crashed, self._crashed_runs = self._crashed_runs, []
+                    to_cancel, self._to_cancel = self._to_cancel, []
                 for run_id, message in crashed:
                     _mark_crashed(store, run_id, message)
+                _cancel(to_cancel)
                 if time.monotonic() - last_refresh > _REFRESH_SECONDS:
                     last_refresh = time.monotonic()
                     try:
@@ -797,8 +808,10 @@ class BoostRayTaskRunner(RayTaskRunner):
         alive = {name: info.alive for name, info in rc.grid_nodes().items()}
         with self._cond:
             for name, up in alive.items():
-                if self._alive.get(name) != up:
-                    self._alive[name] = up
+                if not up:
+                    self._node_died(name)
+                elif not self._alive.get(name):
+                    self._alive[name] = True
                     self._node_changed(name)
             bindings = list(self._bindings.values())
         if any(not b.usable for b in bindings):
@@ -939,6 +952,26 @@ def _is_cancelled(error: Any) -> bool:
     import ray.exceptions as rex
 
     return isinstance(error, rex.TaskCancelledError)
+
+
+def _cancel(refs: list) -> None:
+    """Cancel tasks (not forced: one already running finishes or fails on its own)."""
+    import ray
+
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=False)
+
+
+def _with_worker_env(options: dict, task_env: dict) -> dict:
+    """``options`` with the runner's worker environment merged in: a user's
+    ``remote_options(runtime_env=...)`` keeps its keys and env vars, and adds the API URL."""
+    ours = task_env.get("runtime_env")
+    if not ours:
+        return options
+    theirs = options.get("runtime_env") or {}
+    env_vars = {**ours.get("env_vars", {}), **(theirs.get("env_vars") or {})}
+    return {**options, "runtime_env": {**ours, **theirs, "env_vars": env_vars}}
 
 
 def _with_task_run_id(context: dict, task_run_id: UUID) -> dict:

@@ -294,9 +294,10 @@ class BoostStore:
         live = [b for b in boosts if not b.state.ended]
         rows = [boost_row(b, now) for b in live] or [{column: "" for column in BOOST_COLUMNS} | {"Boost": "(no live boosts)"}]
         totals = _totals(live)
-        # What prefect.artifacts.create_table_artifact sends (attached to the current run, if
-        # any), through this store's client instead of a new one per artifact.
-        task_run_id, flow_run_id = get_task_and_flow_run_ids()
+        # What prefect.artifacts.create_table_artifact sends, through this store's client
+        # instead of a new one per artifact; attached only to grid-flows' own runs, never to a
+        # user's flow run that asked for a boost.
+        task_run_id, flow_run_id = get_task_and_flow_run_ids() if _in_grid_flow_run() else (None, None)
         try:
             self.client.create_artifact(
                 ArtifactCreate(
@@ -359,24 +360,35 @@ class BoostStore:
         return GridCluster.from_spec(spec).save(name, overwrite=True)
 
 
+def _in_grid_flow_run() -> bool:
+    from prefect.context import FlowRunContext
+
+    run = FlowRunContext.get()
+    return run is not None and run.flow is not None and run.flow.name.startswith("grid-")
+
+
 def boost_row(boost: Boost, now: datetime) -> dict[str, str]:
     """One human-readable table row: units, no JSON."""
     r = boost.resources
     none = "—"  # not "-": the Prefect UI renders a lone "-" as a list bullet
+    # State and time first, the short id after: at 1280 px a 32-character id pushed them off.
+    overdue = boost.is_overdue(now)
     return {
-        "Boost": boost.id,
+        "State": "overdue" if overdue else boost.state.value,
+        "Time left": f"{format_duration(boost.seconds_left(now))} left" if not (boost.state.ended or overdue) else none,
+        "Boost": boost.short_id,
         "Source → Target": f"{boost.source} → {boost.target}",
         "CPU": f"{format_amount(r.cpu)} CPU" if r.cpu else none,
         "GPU": f"{format_amount(r.gpu)} GPU" if r.gpu else none,
         "Memory": format_bytes(r.memory) if r.memory else none,
         "Priority": boost.priority.value,
-        "State": boost.state.value,
-        "Time left": f"{format_duration(boost.seconds_left(now))} left" if not boost.state.ended else none,
+        "Requested by": boost.requested_by or none,
         "Expires at (UTC)": f"{boost.expires_at:%Y-%m-%d %H:%M:%S}",
     }
 
 
-BOOST_COLUMNS = ("Boost", "Source → Target", "CPU", "GPU", "Memory", "Priority", "State", "Time left", "Expires at (UTC)")
+BOOST_COLUMNS = ("State", "Time left", "Boost", "Source → Target", "CPU", "GPU", "Memory", "Priority", "Requested by",
+                 "Expires at (UTC)")
 
 
 def _totals(boosts: Iterable[Boost]) -> str:

@@ -63,8 +63,7 @@ def expire_boosts() -> list[str]:
             from grid_flows.ray_cluster import connect
 
             connect()
-        ended = boosts.expire_overdue(store, boosts=overdue)
-        store.publish_boosts_table(store.list())
+        ended = boosts.expire_overdue(store, boosts=overdue)  # each end publishes the table: only on change
     if ended:
         for b in ended:
             logger.info("Expired boost %s (%s -> %s, %s)", b.id, b.source, b.target, b.resources.describe())

@@ -54,6 +54,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled
+from pydantic import StrictFloat, StrictInt, StrictStr
 
 from grid_flows.models import GridError, InvalidRequest, NODE_LABEL, NoCapacity, Resources
 
@@ -241,17 +242,17 @@ def _failed_state_on_grid_error(fn):
 def offload(
     command: List[str],
     node: Optional[str] = None,
-    cpu: float = 1,
-    gpu: float = 0,
-    memory: Optional[Union[str, int]] = None,
+    cpu: StrictFloat = 1,
+    gpu: StrictFloat = 0,
+    memory: Optional[Union[StrictStr, StrictInt]] = None,
     priority: str = "normal",
-    timeout_seconds: Optional[float] = None,
+    timeout_seconds: Optional[StrictFloat] = None,
     cwd: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     strategy: str = "local_first",
     use_boost: str = "auto",
-    grace_seconds: float = 5.0,
-    boost_duration: Optional[Union[str, float]] = None,
+    grace_seconds: StrictFloat = 5.0,
+    boost_duration: Optional[Union[StrictStr, StrictFloat]] = None,
     secret_env: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
     """Run ``command`` (an argument list) on the best node for ``cpu``/``gpu``/``memory``.

@@ -96,12 +96,13 @@ def test_grid_boosts_artifact_and_events_follow_each_change(grid):
 
     boost = request_boost("gpu-master", cpu=1, source="gpu2", priority="high", duration="30m")
     table = json.loads(Artifact.get(BOOSTS_ARTIFACT_KEY).data)
-    assert [row["Boost"] for row in table] == [boost.id]
+    assert [row["Boost"] for row in table] == [boost.short_id]
+    assert list(table[0])[:3] == ["State", "Time left", "Boost"]  # readable at 1280 px
     assert table[0]["Source → Target"] == "gpu2 → gpu-master"
     assert table[0]["Time left"].endswith("min left")
     release_boost(boost.id)
     table = json.loads(Artifact.get(BOOSTS_ARTIFACT_KEY).data)
-    assert boost.id not in [row["Boost"] for row in table]
+    assert boost.short_id not in [row["Boost"] for row in table]
 
 
 def _events(boost_id: str) -> list[str]:

@@ -131,3 +131,23 @@ def test_the_reconcile_flow_refuses_a_negative_pending_timeout(grid):
 
     with pytest.raises(ParameterTypeError):
         reconcile_boosts(pending_timeout_seconds=-1)
+
+
+def test_a_successful_command_prints_no_event_flush_noise(grid):
+    result = _grid_process("boost", "request", "gpu-master", "cpu", "1", "--source", "gpu2", "--json", env=grid.env())
+    assert result.returncode == 0, result.stderr
+    boost_id = json.loads(result.stdout)["id"]
+    released = _grid_process("boost", "release", boost_id, env=grid.env())
+    assert released.returncode == 0, released.stderr
+    for output in (result.stderr, released.stderr):
+        assert "Still processing items" not in output
+
+
+@pytest.mark.parametrize("params", [dict(cpu=True), dict(gpu=True), dict(timeout_seconds=True), dict(memory=True)])
+def test_the_offload_flow_refuses_booleans(grid, params):
+    from prefect.exceptions import ParameterTypeError
+
+    from grid_flows.flows.offload import offload
+
+    with pytest.raises(ParameterTypeError):
+        offload(command=["true"], node="gpu2", **params)

@@ -40,3 +40,15 @@ def test_boosted_tasks_go_into_the_group_and_are_not_retried_by_ray():
 @pytest.mark.parametrize("kind", [PlacementKind.target, PlacementKind.offload])
 def test_unlabelled_clusters_get_no_selector(kind):
     assert "label_selector" not in task_options(kind, NEED, "gpu1", labelled=False)
+
+
+def test_a_users_runtime_env_keeps_the_runners_api_url():
+    from grid_flows.runner import _with_worker_env
+
+    ours = {"runtime_env": {"env_vars": {"PREFECT_API_URL": "http://head:4200/api"}}}
+    theirs = {"num_cpus": 1, "runtime_env": {"pip": ["x"], "env_vars": {"MY": "1"}}}
+    merged = _with_worker_env(theirs, ours)
+    assert merged["runtime_env"] == {"pip": ["x"], "env_vars": {"PREFECT_API_URL": "http://head:4200/api", "MY": "1"}}
+    assert merged["num_cpus"] == 1
+    assert _with_worker_env({"num_cpus": 1}, ours)["runtime_env"] == ours["runtime_env"]
+    assert _with_worker_env(theirs, {}) is theirs
