@@ -51,7 +51,7 @@ def _write_history(count: int) -> list[str]:
 
 def test_status_release_and_reconcile_work_past_200_ended_boosts_and_the_history_is_trimmed(grid, capsys):
     # Prefect's per-type listing ignores offset/limit: paging over it never ended at 200 records.
-    written = _write_history(230)
+    written = _write_history(205)  # one page of the listing is 200
     live = request_boost("gpu-master", cpu=1, source="gpu2")
 
     code, out, _ = grid_cli(capsys, "boost", "status", "--all", "--json")
@@ -96,11 +96,11 @@ def _run_requesters(grid, tmp_path: Path, processes: int, rounds: int) -> list[P
 
 
 def test_reconcile_in_a_tight_loop_beside_four_requesters_loses_no_live_boost(grid, tmp_path):
-    outs = _run_requesters(grid, tmp_path, processes=4, rounds=8)
+    outs = _run_requesters(grid, tmp_path, processes=4, rounds=6)
     rows = [json.loads(line) for out in outs for line in out.read_text().splitlines()]
     assert not [r for r in rows if r["outcome"] == "error"]
     granted = [r["id"] for r in rows if r["outcome"] == "granted"]
-    assert len(granted) >= 16
+    assert len(granted) >= 12
     reconcile()
     with BoostStore() as store:
         records = {b.id: b for b in store.list(include_ended=True)}
