@@ -161,8 +161,8 @@ def request(
             _check_share(lender, resources)
         rc.connect(address)
         live = store.list()
-        expire_overdue(store, boosts=live)
-        lent = ledger.held_by_lender(live)
+        gone = {b.id for b in expire_overdue(store, boosts=live)}
+        lent = ledger.held_by_lender(b for b in live if b.id not in gone)
         nodes = rc.grid_nodes()
         timeout = GridSettings().grant_timeout_seconds
         for lender in _candidates(spec, target, source, resources, nodes, lent):
@@ -176,7 +176,7 @@ def request(
             granted = _grant_on(store, boost, timeout, share_check)
             if granted is None:
                 continue
-            store.publish_boosts_table(store.list())
+            store.publish_boosts_table()
             store.emit("grid.boost.granted", granted)
             return granted
         if prio.rank > Priority.low.rank:
@@ -289,9 +289,11 @@ def _preempt_and_grant(
                              requested_by=requested_by())
     # Claim first: Ray queues this group ahead of any request made after it.
     store.create(boost)
-    group = rc.start_boost_group(boost.placement_group, plan.lender, resources)
+    group = None
+    victims: list[Boost] = []  # filled as each is noticed, so a failure restores exactly those
     try:
-        victims = _notify_victims(store, plan.victims, boost)
+        group = rc.start_boost_group(boost.placement_group, plan.lender, resources)
+        _notify_victims(store, plan.victims, boost, victims)
         logger.info("%s; waiting up to %g s for their tasks", plan.reason, sharing.grace_seconds)
         # Grace: tasks running in a victim get time to finish; their runners stop routing now.
         deadline = time.monotonic() + sharing.grace_seconds
@@ -303,31 +305,39 @@ def _preempt_and_grant(
             _remove(victim, wait=False)  # the new group, queued first, takes the capacity as it frees
         placed = group.wait(timeout_seconds=max(5.0, GridSettings().grant_timeout_seconds))
     except BaseException:
-        _abandon(store, boost, group.id.hex())
+        _give_up_preemption(store, boost, group, victims)
         raise
     if not placed:
-        # Both or neither: this request gets nothing and the victims hold their capacity again.
-        # Its record goes last: while it lives, reconcile leaves the victims' notices alone.
-        rc.remove_group(group.id.hex())
-        _restore_victims(store, victims, boost)
-        _abandon(store, boost, group.id.hex())
+        _give_up_preemption(store, boost, group, victims)
         return None
     reason = f"preempted by a {prio.value} boost {boost.short_id} for {target}"
     for victim in victims:
-        end(store, victim.id, Event.preempt, reason)  # before the grant: the record never shows both
+        end(store, victim.id, Event.preempt, reason, publish=False)  # before the grant: never both hold it
     try:
         granted = _activate(store, boost, group.id.hex())
     except BaseException:
         _abandon(store, boost, group.id.hex())
         raise
-    store.publish_boosts_table(store.list())
+    store.publish_boosts_table()
     store.emit("grid.boost.granted", granted, preempted=",".join(v.id for v in victims))
     return granted
 
 
-def _notify_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boost) -> list[Boost]:
-    """Put each victim still active and unclaimed under a preemption notice; the ones noticed."""
-    noticed = []
+def _give_up_preemption(store: BoostStore, boost: Boost, group, victims: list[Boost]) -> None:
+    """Both or neither: the request gets nothing and its victims hold their capacity again.
+    Its record goes last: while it lives, reconcile leaves the victims' notices alone."""
+    try:
+        if group is not None:
+            rc.remove_group(group.id.hex())
+        if victims:
+            _restore_victims(store, victims, boost)
+    finally:
+        _abandon(store, boost, group.id.hex() if group is not None else None)
+
+
+def _notify_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boost, noticed: list[Boost]) -> None:
+    """Put each victim still active and unclaimed under a preemption notice, appending it to
+    ``noticed`` as soon as its record says so."""
     for victim in victims:
         with rc.ledger_lock():
             current = store.get(victim.id)
@@ -339,30 +349,37 @@ def _notify_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boos
             store.save(current)
         noticed.append(current)
     if noticed:
-        store.publish_boosts_table(store.list())
-    return noticed
+        store.publish_boosts_table()
 
 
 def _restore_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boost) -> None:
     """The preemptor could not be placed: give each victim a group again and lift its notice;
     a victim whose capacity is gone meanwhile ends as preempted after all."""
     timeout = max(5.0, GridSettings().grant_timeout_seconds)
+    groups = rc.grid_groups()
     for victim in victims:
-        # Recreating a shape Ray has not freed yet costs ~1 s of its backoff: wait for the free first.
-        rc.wait_group_freed(victim.placement_group_id)
-        group_id = rc.create_boost_group(victim.placement_group, victim.source, victim.resources, timeout)
+        kept = groups.get(victim.placement_group)
+        if kept is not None and kept.group_id == victim.placement_group_id:
+            group_id = kept.group_id  # given up before its group went: it keeps its own
+        else:
+            # Recreating a shape Ray has not freed yet costs ~1 s of its backoff: wait for it first.
+            rc.wait_group_freed(victim.placement_group_id)
+            group_id = rc.create_boost_group(victim.placement_group, victim.source, victim.resources, timeout)
         if group_id is None:
             end(store, victim.id, Event.preempt,
                 f"preempted by boost {preemptor.short_id}, which could not be placed; its capacity was taken meanwhile")
             continue
         with rc.ledger_lock():
             current = store.get(victim.id)
-            if current.state is BoostState.active and current.preempted_by == preemptor.id:
-                store.save(ledger.transition(current, Event.restore, utcnow(), placement_group_id=group_id,
-                                             reason=f"kept: the preemption by {preemptor.short_id} could not complete"))
+            if current.state is BoostState.active and current.preempted_by in (preemptor.id, ""):
+                if current.preempted_by:
+                    store.save(ledger.transition(current, Event.restore, utcnow(), placement_group_id=group_id,
+                                                 reason=f"kept: the preemption by {preemptor.short_id} could not complete"))
+                elif current.placement_group_id != group_id:  # reconcile lifted the notice already
+                    store.save(current.model_copy(update={"placement_group_id": group_id}))
                 continue
         rc.remove_group(group_id)  # ended meanwhile: it needs no group
-    store.publish_boosts_table(store.list())
+    store.publish_boosts_table()
 
 
 def _activate(store: BoostStore, boost: Boost, group_id: str, share: Resources | None = None) -> Boost:
@@ -451,11 +468,12 @@ def release(
 
 def end(
     store: BoostStore, boost_id: str, event: Event, reason: str, *, address: str | None = None,
-    drain_seconds: float = 0.0,
+    drain_seconds: float = 0.0, publish: bool = True,
 ) -> Boost:
     """Move a live boost to an ended state, then remove its group (record first: see below).
 
-    With ``drain_seconds``, wait (at most that long) for the group to be idle in between."""
+    With ``drain_seconds``, wait (at most that long) for the group to be idle in between.
+    ``publish=False`` leaves the grid-boosts table to a caller that ends several at once."""
     with rc.ledger_lock():
         boost = store.get(boost_id)
         if boost.state.ended:
@@ -468,7 +486,8 @@ def end(
     if drain_seconds > 0 and ended.placement_group_id:
         _drain(ended, drain_seconds)
     _remove(ended)
-    store.publish_boosts_table(store.list())
+    if publish:
+        store.publish_boosts_table()
     store.emit(f"grid.boost.{ended.state.value}", ended)
     return ended
 
@@ -538,7 +557,7 @@ def extend(boost_id: str, duration: str | float) -> Boost:
             extended = ledger.transition(boost, Event.extend, utcnow(), extra_seconds=seconds,
                                          reason=f"extended by {format_duration(seconds)}")
             store.save(extended)
-        store.publish_boosts_table(store.list())
+        store.publish_boosts_table()
         store.emit("grid.boost.extended", extended)
     return extended
 
@@ -599,7 +618,7 @@ def reconcile(*, pending_timeout_seconds: float = ledger.PENDING_TIMEOUT_SECONDS
         for action in plan(snapshot, pending_timeout_seconds):
             if action.kind is ActionKind.drop_live_copy:
                 store.delete(action.target)
-            elif action.kind is ActionKind.remove_group:
+            elif action.kind is ActionKind.remove_group and _still_orphan(store, action.target):
                 rc.remove_group(action.group_id)
                 report.removed_groups.append(action.target)
             elif action.kind is ActionKind.end:
@@ -627,6 +646,18 @@ def _prune_history(store: BoostStore, history: list[Boost]) -> list[str]:
     except ClusterNotConfigured:
         sharing = ClusterSharing()
     return store.prune_history(history, sharing.history_keep_count, sharing.history_keep_days * 86400)
+
+
+def _still_orphan(store: BoostStore, group_name: str) -> bool:
+    """Re-read the record a group is named after before removing it: a listing read while
+    records change may have skipped a live one."""
+    boost_id = ledger.boost_id_of(group_name)
+    if boost_id is None:
+        return True
+    try:
+        return store.get(boost_id).state.ended
+    except UnknownBoost:
+        return True
 
 
 def _lift_stale_notice(store: BoostStore, boost_id: str, reason: str, changed: list[str]) -> None:

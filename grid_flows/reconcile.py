@@ -77,6 +77,8 @@ def _judge(b: Boost, snap: Snapshot, live: Mapping[str, Boost], pending_timeout_
         if (snap.now - b.created_at).total_seconds() > pending_timeout_seconds:
             return Action(ActionKind.end, b.id, Event.fail, f"stuck pending for more than {pending_timeout_seconds:g} s")
         return None
+    if b.preempted_by and b.preempted_by in live:
+        return None  # a preemption is under way: its requester ends or restores this boost
     if b.placement_group not in snap.groups_after:
         return Action(ActionKind.end, b.id, Event.node_lost, "its placement group is gone")
     if not snap.alive.get(b.source, False):

@@ -518,9 +518,10 @@ class BoostRayTaskRunner(RayTaskRunner):
                 if remaining is not None and remaining <= 0:
                     return False
                 if self._queue and not (self._dispatcher and self._dispatcher.is_alive()):
-                    names = ", ".join(sorted({item.task_name for item in self._queue}))
-                    self._say(logging.ERROR, f"{len(self._queue)} queued task(s) cannot start, the dispatcher "
-                                             f"is gone: {names}")
+                    gone = RuntimeError("the grid-flows dispatcher thread is gone")
+                    for item in self._queue:  # resolve their futures: nobody waits on them for ever
+                        self._fail_undispatched(item, gone, "could not start")
+                    self._queue = []
                     return False
                 self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
         return True
@@ -628,7 +629,15 @@ class BoostRayTaskRunner(RayTaskRunner):
         view, boosts = self._view(), self._boost_views()
         no_room: set[Requirement] = set()
         waiting = []
-        for item in sorted(self._queue, key=_SORT_KEY):
+        pending = sorted(self._queue, key=_SORT_KEY, reverse=True)  # next task last: pop() is O(1)
+        try:
+            self._dispatch_pass(pending, waiting, no_room, view, boosts)
+        finally:  # a pass that raised half way leaves what it dispatched off the queue
+            self._queue = waiting + pending[::-1]  # sorted by priority, so already a heap
+
+    def _dispatch_pass(self, pending: list, waiting: list, no_room: set, view, boosts) -> None:
+        while pending:
+            item = pending.pop()
             requirement = item.requirement
             if requirement in no_room or not all(f.finished for f in item.upstream):
                 waiting.append(item)
@@ -644,7 +653,6 @@ class BoostRayTaskRunner(RayTaskRunner):
                 continue
             self._dispatch(item, placement, requirement.resources)
             view, boosts = self._view(), self._boost_views()
-        self._queue = waiting  # sorted by priority, so already a heap
 
     def _dispatch(self, item: _Queued, placement: Placement, need: Resources) -> None:
         options = self._ray_options(placement, need)
@@ -838,7 +846,8 @@ class BoostRayTaskRunner(RayTaskRunner):
                         self._bindings.pop(b.id, None)
             elif record.preempted_by:
                 self.stop_routing(b.id, f"{_PREEMPTION_NOTICE} {record.preempted_by[:8]}")
-            elif record.placement_group_id != b.placement_group_id:
+            elif record.placement_group_id != b.placement_group_id or \
+                    binding.why_unusable.startswith(_PREEMPTION_NOTICE):  # kept, in a new group or its own
                 self._rebind(binding, record)
             elif record.expires_at != b.expires_at:
                 with self._cond:

@@ -223,12 +223,12 @@ class BoostStore:
 
     def history(self) -> list[Boost]:
         """Every ended record (bounded by the retention rule that reconcile applies)."""
-        ended = []
+        ended: dict[str, Boost] = {}  # by id: a page read while records end may repeat one
         for doc in self._all_docs(GridBoostHistory):
             if doc.data.get("boost_id"):
                 self._history_ids[doc.data["boost_id"]] = doc.id
-                ended.append(boost_from_data(doc.data))
-        return ended
+                ended[doc.data["boost_id"]] = boost_from_data(doc.data)
+        return list(ended.values())
 
     def prune_history(self, history: Iterable[Boost], keep: int, max_age_seconds: float,
                       now: datetime | None = None) -> list[str]:
@@ -263,8 +263,9 @@ class BoostStore:
             if len(text) == BOOST_ID_LENGTH:
                 return self.get(text)  # one read by name, however long the history is
             boosts = self.list()
-            if not any(b.id.startswith(text) for b in boosts):
-                boosts = self.list(include_ended=True)  # ended boosts can be named too
+            if len(text) < 8 or not any(b.id.startswith(text) for b in boosts):
+                # ended boosts can be named too; a short prefix must be unique among them as well
+                boosts = self.list(include_ended=True)
         else:
             boosts = list(boosts)
         exact = [b for b in boosts if b.id == text]
@@ -285,33 +286,35 @@ class BoostStore:
 
     # -- what the UI shows -------------------------------------------------------------
 
-    def publish_boosts_table(self, boosts: Iterable[Boost], now: datetime | None = None) -> None:
-        """Refresh the ``grid-boosts`` table artifact with the live boosts."""
+    def publish_boosts_table(self, boosts: Iterable[Boost] | None = None, now: datetime | None = None) -> None:
+        """Refresh the ``grid-boosts`` table artifact with the live boosts (read now if not
+        given). Never raises: the records are durable already, the table is a view."""
+        try:
+            self._publish_boosts_table(self.list() if boosts is None else boosts, now or utcnow())
+        except Exception as exc:
+            logger.warning("could not update the %s artifact: %s", BOOSTS_ARTIFACT_KEY, exc)
+
+    def _publish_boosts_table(self, boosts: Iterable[Boost], now: datetime) -> None:
         from prefect.client.schemas.actions import ArtifactCreate
         from prefect.utilities.context import get_task_and_flow_run_ids
 
-        now = now or utcnow()
         live = [b for b in boosts if not b.state.ended]
         rows = [boost_row(b, now) for b in live] or [{column: "" for column in BOOST_COLUMNS} | {"Boost": "(no live boosts)"}]
-        totals = _totals(live)
         # What prefect.artifacts.create_table_artifact sends, through this store's client
         # instead of a new one per artifact; attached only to grid-flows' own runs, never to a
         # user's flow run that asked for a boost.
         task_run_id, flow_run_id = get_task_and_flow_run_ids() if _in_grid_flow_run() else (None, None)
-        try:
-            self.client.create_artifact(
-                ArtifactCreate(
-                    type="table",
-                    key=BOOSTS_ARTIFACT_KEY,
-                    data=json.dumps(rows),
-                    description=f"Live grid-flows boosts at {now:%Y-%m-%d %H:%M:%S} UTC. Lent in total: {totals}. "
-                    "A boost runs its tasks on the source node, inside a Ray placement group.",
-                    task_run_id=task_run_id,
-                    flow_run_id=flow_run_id,
-                )
+        self.client.create_artifact(
+            ArtifactCreate(
+                type="table",
+                key=BOOSTS_ARTIFACT_KEY,
+                data=json.dumps(rows),
+                description=f"Live grid-flows boosts at {now:%Y-%m-%d %H:%M:%S} UTC. Lent in total: {_totals(live)}. "
+                "A boost runs its tasks on the source node, inside a Ray placement group.",
+                task_run_id=task_run_id,
+                flow_run_id=flow_run_id,
             )
-        except Exception as exc:  # the record is durable already; the table is a view
-            logger.warning("could not update the %s artifact: %s", BOOSTS_ARTIFACT_KEY, exc)
+        )
 
     def emit(self, event: str, boost: Boost, **extra: str) -> None:
         """Emit ``grid.boost.<what>`` with resource id ``grid.boost.<id>``."""

@@ -63,6 +63,13 @@ CASES = [
     ("a notice whose preemptor is gone is lifted",
      snap([NOTICED]),
      [Action(ActionKind.lift_notice, "b1", reason="kept: the preemption by b-high did not complete")]),
+    ("a noticed victim whose group went is left to its live preemptor",  # it ends or restores it
+     snap([NOTICED, in_state(S.pending, "b-high", now=LATER - timedelta(seconds=30))], before={}, after=()), []),
+    ("a notice whose preemptor ended is lifted",
+     snap([NOTICED], ended={"b-high"}),
+     [Action(ActionKind.lift_notice, "b1", reason="kept: the preemption by b-high did not complete")]),
+    ("a young pending record's group is its own, not an orphan",
+     snap([in_state(S.pending, "b1")], now=T0 + timedelta(seconds=30)), []),
     ("a notice whose preemptor still lives is left alone",
      snap([NOTICED, in_state(S.pending, "b-high", now=LATER - timedelta(seconds=30))],
           before={GROUP: "id-b1"}, after={GROUP}), []),
