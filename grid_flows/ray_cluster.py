@@ -461,6 +461,17 @@ class LocalCluster:
         """Kill one worker node's processes, as if its machine went away."""
         self._cluster.remove_node(self._nodes.pop(name), allow_graceful=False)
 
+    def restart_node(self, name: str) -> None:
+        """Start a worker node stopped by :meth:`stop_node` again, as the machine coming back:
+        the same size, lend tokens and ``grid.node`` label as at start (Ray gives it a new
+        node id). Returns once Ray lists it alive; it is stopped with the cluster."""
+        if name in self._nodes:
+            raise GridError(f"node {name} is running; stop_node({name!r}) first")
+        node = self.spec.node(name)
+        if name == self.spec.head.name:
+            raise GridError(f"node {name} is the head: a local cluster cannot restart its head")
+        self._nodes[name] = self._cluster.add_node(**self._node_args(node))
+
     def __exit__(self, *exc: object) -> None:
         import ray
 
