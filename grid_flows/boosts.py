@@ -448,8 +448,10 @@ def _no_capacity_message(spec: ClusterSpec, target: str, source: str | None, res
             reasons.append(f"{name} lends at most {node.share.describe()}")
         elif resources.shortfall(node.share.minus(held)):
             reasons.append(f"{name} already lends {held.describe()} of its share {node.share.describe()}")
-        else:
+        elif resources.shortfall(info.lendable_free):
             reasons.append(f"{name} has too little free to lend: needs {'; '.join(resources.shortfall(info.lendable_free))}")
+        else:  # freed after the request looked: a retry may get it
+            reasons.append(f"{name} was fully lent when asked and has room again now; try again")
     return f"no node can lend {resources.describe()} to {target}: " + ("; ".join(reasons) or "no lenders")
 
 
