@@ -50,6 +50,18 @@ NOTES = """
    prefect-ray, alone and under the same flood. 5 repetitions, alternating order. The flood's tasks
    sleep: every node of this local cluster shares the same 2 cores, and the question is whether the
    lender's Ray capacity stays reserved, not whether 2 cores can do 3 nodes' work.
+8. **Status against a long history** (`benchmarks/status_history.py`): with 3 live boosts (1 CPU each)
+   and 10 ended records, `grid boost status --json` through the real entry point (`grid_flows.cli.main`,
+   in process, output captured), `grid_flows.list_boosts()` and, as a noise reference, one plain
+   Prefect read (the cluster document by name), alternating, 9 repetitions; `--all` 3 times. Then the
+   history is grown to N ended records, written straight as `grid-boost-history` documents
+   (`BoostStore._create`, 2 threads; the server is the limit, ~13 documents/s here, threads do not
+   help), the same is timed again, and the ratio is per repetition (the i-th at N over the i-th at
+   10; the two sizes cannot be interleaved, the history only grows). Then one `boosts.reconcile()`
+   pass trims the history to the default retention (1,000) and `--all` is timed at 1,000. **N is
+   2,000 in `make bench`, not 10,000:** writing 10,000 documents alone takes ~13 minutes here and
+   pruning them ~13 more. `.venv/bin/python -m benchmarks.status_history` runs 10,000 (~30 minutes;
+   its result is under Findings), and `GRID_BENCH_HISTORY=<n>` sets N for both.
 
 ### Expiry latency with the maintenance flows served (issue 4; not part of `make bench`)
 
@@ -277,4 +289,31 @@ under the ledger lock), 41 boosts ended.
 Also seen: 10 NoCapacity messages with an empty reason, "gpu1 has too little free to lend: needs "
 (`boosts._no_capacity_message` re-reads Ray after the candidates were chosen; when the capacity
 freed in between, the shortfall is empty).
+
+### Status against a long history: not flat at 10,000 ended boosts (the server's filter)
+
+`.venv/bin/python -m benchmarks.status_history` (2026-12-04 07:52 UTC, 1,789 s, 10,000 ended):
+`grid boost status --json` 47.2 ms [38.6..86.0] vs 39.2 ms [31.5..41.4] with 10 ended, ratio
+**1.35x [0.99..2.18], FAIL** (goal 1.2); `list_boosts()` 35.5 ms vs 25.6 ms, 1.33x [0.85..1.80].
+The noise reference (one read by name) did not move: 21.9 ms with 10, 19.5 ms with 10,000. Status
+reads only the live records, but Prefect's server answers `POST /block_documents/filter` with a
+block-type *slug* filter as `EXISTS (SELECT ... FROM block_type WHERE block_type.id =
+block_document.block_type_id AND slug IN (...))`, which SQLite evaluates for every block document
+(plan: search by `is_anonymous`, a correlated subquery per row, a temporary B-tree for the sort),
+history included: ~1 ms per 1,000 ended records. Measured on the raw route (3 live documents,
+10 then 10,010 history documents, 60 alternating calls): by slug 17.3 -> 26.5 ms; by
+`block_documents.block_type_id` (what `store._register` already returns) 17.8 -> 16.2 ms, which the
+unique `(block_type_id, name)` index serves. Suggested fix in `BoostStore._all_docs` (not made
+here): filter on `{"block_documents": {"block_type_id": {"any_": [type_id]}}}` instead of the slug.
+With the default retention (1,000) the slug scan costs ~1 ms; it matters for larger
+`history_keep_count` values (up to 100,000 are allowed).
+
+In the same run: `status --all --json` took 34.8 s [31.2..34.8] at 10,000 ended (reading 14.8 s,
+51 requests; the rest is Rich's `print_json` of 10,003 records) and 2.9 s at 1,000 (reading 1.2 s).
+One reconcile pass trimming 10,000 to 1,000 took 775 s: 12 s to read the history and 763 s for
+9,000 deletions, one HTTP call each (~85 ms on this loaded machine; the server also emits an event
+per deletion). That pass is longer than the 300 s `grid-reconcile` interval, so the next runs start
+while it still deletes and try to delete the same documents (safe: a missing document is skipped,
+but wasted work). Capping the deletions per pass (e.g. a few hundred, the oldest first) would
+bound a pass and still converge.
 """

@@ -15,6 +15,9 @@ quiet_environment()  # before ray or prefect is imported
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 150, not the 500, to keep `make bench` under 15 minutes: see BENCHMARKS.md, method item 6.
 RUNNER_TASKS = int(os.environ.get("GRID_BENCH_RUNNER_TASKS", "150"))
+# Ended boosts for the status row: 2,000, not 10,000 (writing 10,000 history documents alone takes
+# ~13 minutes here); `.venv/bin/python -m benchmarks.status_history` runs 10,000. See BENCHMARKS.md, method item 8.
+STATUS_HISTORY = int(os.environ.get("GRID_BENCH_HISTORY", "2000"))
 
 
 def machine() -> str:
@@ -50,7 +53,7 @@ def main() -> int:
     results += pure.admission_scale()
 
     from benchmarks import integration as I
-    from benchmarks import isolation
+    from benchmarks import isolation, status_history
 
     print("starting a local Prefect server and a 3-node Ray cluster ...", flush=True)
     try:
@@ -61,6 +64,7 @@ def main() -> int:
                 ("throttle accuracy", lambda: [I.throttle_accuracy(5)]),
                 ("runner overhead", lambda: [I.runner_overhead(address, RUNNER_TASKS, 5)]),
                 ("priority isolation", lambda: [isolation.priority_isolation(address, 5)]),
+                ("status vs ended boosts", lambda: status_history.status_history(STATUS_HISTORY)),
             ]
             for label, step in steps:
                 print(f"{label} ...", flush=True)
