@@ -210,10 +210,13 @@ class BoostStore:
         document each time, so paging over it never ends."""
         from prefect.client.schemas.objects import BlockDocument
 
+        # By type id, not slug: the server answers a slug filter with a check per document of
+        # every type (the history included); the (block_type_id, name) index serves this one.
+        _, type_id = _register(block_cls)
         docs: list = []
         while True:
             response = self.client.request("POST", "/block_documents/filter", json={
-                "block_types": {"slug": {"any_": [block_cls.get_block_type_slug()]}},
+                "block_documents": {"block_type_id": {"any_": [str(type_id)]}},
                 "sort": "NAME_ASC", "offset": len(docs), "limit": _PAGE, "include_secrets": False,
             })
             page = BlockDocument.model_validate_list(response.json())

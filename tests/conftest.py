@@ -95,13 +95,13 @@ def grid_session(prefect_server):
 
 
 @contextmanager
-def sharing_settings(grid: Grid, **settings):
-    """The cluster block with ``resource_sharing`` changed meanwhile (``mode=...``, ``enabled=...``)."""
+def changed_cluster(grid: Grid, change):
+    """The cluster block as ``change(data)`` makes it (``data``: the session spec as JSON)
+    meanwhile; the session's spec again afterwards."""
     from grid_flows.store import BoostStore
 
     spec = grid.spec
-    data = spec.model_dump(mode="json")
-    changed = type(spec).model_validate({**data, "resource_sharing": {**data["resource_sharing"], **settings}})
+    changed = type(spec).model_validate(change(spec.model_dump(mode="json")))
     with BoostStore() as store:
         store.save_cluster(changed)
     try:
@@ -109,6 +109,11 @@ def sharing_settings(grid: Grid, **settings):
     finally:
         with BoostStore() as store:
             store.save_cluster(spec)
+
+
+def sharing_settings(grid: Grid, **settings):
+    """The cluster block with ``resource_sharing`` changed meanwhile (``mode=...``, ``enabled=...``)."""
+    return changed_cluster(grid, lambda data: {**data, "resource_sharing": {**data["resource_sharing"], **settings}})
 
 
 @pytest.fixture

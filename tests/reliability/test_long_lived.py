@@ -24,7 +24,7 @@ from grid_flows.boosts import reconcile
 from grid_flows.ledger import Event, check_invariants, new_boost, transition
 from grid_flows.models import BoostState, Priority, Resources, UnknownBoost, utcnow
 from grid_flows.store import BoostStore
-from tests.conftest import sharing_settings
+from tests.conftest import changed_cluster, sharing_settings
 from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -154,18 +154,14 @@ def test_a_boosted_flow_runs_with_a_prefect_api_key_that_stays_out_of_ray_and_th
 @pytest.fixture
 def lowered_share(grid):
     """gpu1's definition lowered from 2 CPU to 1 while its Ray node still runs with 2 CPU of tokens."""
-    data = grid.spec.model_dump(mode="json")
-    for node in data["nodes"]:
-        if node["name"] == "gpu1":
-            node["resource_sharing"]["max_share_cpu"] = 1
-    lowered = type(grid.spec).model_validate(data)
-    with BoostStore() as store:
-        store.save_cluster(lowered)
-    try:
+    def lower(data: dict) -> dict:
+        for node in data["nodes"]:
+            if node["name"] == "gpu1":
+                node["resource_sharing"]["max_share_cpu"] = 1
+        return data
+
+    with changed_cluster(grid, lower) as lowered:
         yield lowered
-    finally:
-        with BoostStore() as store:
-            store.save_cluster(grid.spec)
 
 
 def test_a_lowered_share_is_enforced_before_the_node_restarts(grid, lowered_share, capsys):
