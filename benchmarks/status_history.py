@@ -254,10 +254,9 @@ def status_history(n_history: int = HISTORY) -> list[Result]:
             passed=status_ratio.median <= 1.2,
             note=f"the real entry point (`grid_flows.cli.main`) in process, output captured; it reads only the live "
                  f"records: one `POST /block_documents/filter` page of grid-boost documents (plus opening a "
-                 f"client). But the server does not read only them: Prefect turns the filter by block-type slug "
-                 f"into a correlated EXISTS per block document, so SQLite visits every document, history included "
-                 f"(~1 ms per 1,000 ended records here); a filter by `block_documents.block_type_id` uses the "
-                 f"(block_type_id, name) index and stays flat (BENCHMARKS.md, Findings). {common}. The sizes "
+                 f"client). The store filters by `block_documents.block_type_id`, which the (block_type_id, "
+                 f"name) index serves; a filter by block-type slug made SQLite visit every document, history "
+                 f"included (~1 ms per 1,000 ended records: BENCHMARKS.md, Findings). {common}. The sizes "
                  f"cannot be interleaved (the history only grows), so a plain read is timed beside them as a "
                  f"noise reference",
             details=[writing, noise,
