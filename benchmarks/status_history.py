@@ -270,8 +270,8 @@ def status_history(n_history: int = HISTORY) -> list[Result]:
             ratio=list_ratio.fmt(1, "x", 2),
             goal="ratio <= 1.2",
             passed=list_ratio.median <= 1.2,
-            note="the Python API behind status: one BoostStore, one page of live records (same server-side "
-                 "scan as row 8a)",
+            note="the Python API behind status: one BoostStore, one page of live records (the same indexed "
+                 "read as row 8a)",
         ),
         Result(
             name=f"8c. `grid boost status --all --json` with {n} ended boosts",
