@@ -303,7 +303,7 @@ def _preempt_and_grant(
             time.sleep(0.1)  # polling Ray's view of the groups, bounded by the grace period
         for victim in victims:
             _remove(victim, wait=False)  # the new group, queued first, takes the capacity as it frees
-        placed = group.wait(timeout_seconds=max(5.0, GridSettings().grant_timeout_seconds))
+        placed = group.wait(timeout_seconds=_preemption_wait_seconds())
     except BaseException:
         _give_up_preemption(store, boost, group, victims)
         raise
@@ -321,6 +321,11 @@ def _preempt_and_grant(
     store.publish_boosts_table()
     store.emit("grid.boost.granted", granted, preempted=",".join(v.id for v in victims))
     return granted
+
+
+def _preemption_wait_seconds() -> float:
+    """How long a group placed as capacity frees (a preemptor's, a restored victim's) may take."""
+    return max(5.0, GridSettings().grant_timeout_seconds)
 
 
 def _give_up_preemption(store: BoostStore, boost: Boost, group, victims: list[Boost]) -> None:
@@ -355,7 +360,7 @@ def _notify_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boos
 def _restore_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boost) -> None:
     """The preemptor could not be placed: give each victim a group again and lift its notice;
     a victim whose capacity is gone meanwhile ends as preempted after all."""
-    timeout = max(5.0, GridSettings().grant_timeout_seconds)
+    timeout = _preemption_wait_seconds()
     groups = rc.grid_groups()
     for victim in victims:
         kept = groups.get(victim.placement_group)
