@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m grid_flows.demo
+	$(PY) -m grid_flows.dev.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

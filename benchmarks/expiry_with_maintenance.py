@@ -21,11 +21,11 @@ from benchmarks.common import quiet_environment
 
 def main() -> int:
     quiet_environment()
-    from grid_flows import ray_cluster as rc
+    from grid_flows.adapters.ray import cluster as rc
     from grid_flows.api import list_boosts, request_boost
-    from grid_flows.cluster_file import parse_cluster
-    from grid_flows.local_prefect import local_prefect_server, stop_process_group
-    from grid_flows.store import BoostStore
+    from grid_flows.core.cluster_file import parse_cluster
+    from grid_flows.dev.local_prefect import local_prefect_server, stop_process_group
+    from grid_flows.adapters.prefect.store import BoostStore
     from tests.conftest import TEST_CLUSTER
 
     spec = parse_cluster(TEST_CLUSTER)
@@ -33,7 +33,7 @@ def main() -> int:
         with BoostStore() as store:
             store.save_cluster(spec)
         serve = subprocess.Popen(
-            [sys.executable, "-m", "grid_flows.cli", "maintenance", "serve"],
+            [sys.executable, "-m", "grid_flows.cli.app", "maintenance", "serve"],
             env={**os.environ, "RAY_ADDRESS": cluster.address},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )

@@ -33,10 +33,10 @@ def grid() -> Iterator[tuple[object, str]]:
     """Prefect server (temp PREFECT_HOME) first, so the Ray nodes inherit PREFECT_API_URL; then the cluster."""
     home = tempfile.mkdtemp(prefix="grid-bench-prefect-")
     os.environ["PREFECT_HOME"] = home
-    from grid_flows.cluster_file import parse_cluster
-    from grid_flows.local_prefect import local_prefect_server
-    from grid_flows.ray_cluster import LocalCluster
-    from grid_flows.store import BoostStore
+    from grid_flows.core.cluster_file import parse_cluster
+    from grid_flows.dev.local_prefect import local_prefect_server
+    from grid_flows.adapters.ray.cluster import LocalCluster
+    from grid_flows.adapters.prefect.store import BoostStore
 
     try:
         with local_prefect_server(home=home) as api_url:
@@ -51,13 +51,13 @@ def grid() -> Iterator[tuple[object, str]]:
 
 
 def _clean() -> None:
-    from grid_flows.boosts import release_everything
+    from grid_flows.control.boosts import release_everything
 
     release_everything("bench cleanup")
 
 
 def _raw_group(name_prefix: str, source: str, resources, timeout: float = 10.0) -> tuple[str, float]:
-    from grid_flows import ray_cluster as rc
+    from grid_flows.adapters.ray import cluster as rc
 
     t0 = time.perf_counter()
     gid = rc.create_boost_group(f"{name_prefix}-{uuid.uuid4().hex[:8]}", source, resources, timeout)
@@ -115,10 +115,10 @@ class _CallTimer:
 
 
 def grant_latency(reps: int = 15) -> tuple[Result, list[str]]:
-    from grid_flows import boosts
-    from grid_flows import ray_cluster as rc
-    from grid_flows.models import Resources
-    from grid_flows.store import BoostStore
+    from grid_flows.control import boosts
+    from grid_flows.adapters.ray import cluster as rc
+    from grid_flows.core.models import Resources
+    from grid_flows.adapters.prefect.store import BoostStore
 
     one = Resources(cpu=1)
     shape = Resources(cpu=1)
@@ -186,7 +186,7 @@ def grant_latency(reps: int = 15) -> tuple[Result, list[str]]:
 
 def _ready_after(source: str, shape, deadline_s: float = 10.0) -> float:
     """Poll until the lender's share shows free, then place a raw PG of that shape; time at ready."""
-    from grid_flows import ray_cluster as rc
+    from grid_flows.adapters.ray import cluster as rc
 
     assert rc.wait_for_lendable(source, shape, timeout_seconds=deadline_s), "capacity never came back"
     gid, _ = _raw_group("bench-next", source, shape)
@@ -197,10 +197,10 @@ def _ready_after(source: str, shape, deadline_s: float = 10.0) -> float:
 
 
 def release_latency(reps: int = 8, expiry_reps: int = 5) -> list[Result]:
-    from grid_flows import boosts
-    from grid_flows import ray_cluster as rc
-    from grid_flows.models import Resources
-    from grid_flows.store import BoostStore
+    from grid_flows.control import boosts
+    from grid_flows.adapters.ray import cluster as rc
+    from grid_flows.core.models import Resources
+    from grid_flows.adapters.prefect.store import BoostStore
 
     shape = Resources(cpu=2)  # all of gpu1's lendable CPU: nothing else can take it while the boost lives
     _clean()
@@ -260,8 +260,8 @@ TASK_MEMORY = 8 * 1024**3 // PROCESSES
 def throttle_accuracy(reps: int = 5) -> Result:
     import ray
 
-    from grid_flows import guard
-    from grid_flows.models import NODE_LABEL
+    from grid_flows.adapters.ray import throttle
+    from grid_flows.adapters.ray.cluster import NODE_LABEL
 
     @ray.remote(num_cpus=0)
     class Barrier:
@@ -283,7 +283,7 @@ def throttle_accuracy(reps: int = 5) -> Result:
     def gpu_starts(key, threads, barrier):
         from concurrent.futures import ThreadPoolExecutor
 
-        from grid_flows import guard as g  # imported by the warm-up call, not while timed
+        from grid_flows.adapters.ray import throttle as g  # imported by the warm-up call, not while timed
 
         if key is None:
             time.sleep(1.0)
@@ -299,12 +299,12 @@ def throttle_accuracy(reps: int = 5) -> Result:
     for _ in range(reps):
         key = uuid.uuid4().hex[:8]
         try:
-            guard.throttle_starts("gpu1", key=key)  # creates the fresh actor first
+            throttle.throttle_starts("gpu1", key=key)  # creates the fresh actor first
             barrier = Barrier.remote(PROCESSES)
             batches = ray.get([on_gpu1.remote(key, THREADS, barrier) for _ in range(PROCESSES)], timeout=180)
             ray.kill(barrier)
         finally:
-            guard.kill_throttle("gpu1", key=key)
+            throttle.kill_throttle("gpu1", key=key)
         slots = sorted(slot for batch in batches for slot in batch)
         assert len(slots) == PROCESSES * THREADS
         spans.append(slots[-1] - slots[0])
@@ -331,8 +331,8 @@ def runner_overhead(address: str, n_tasks: int, reps: int = 5) -> Result:
     from prefect import flow, task
     from prefect_ray import RayTaskRunner
 
-    from grid_flows import boosts
-    from grid_flows.runner import BoostRayTaskRunner
+    from grid_flows.control import boosts
+    from grid_flows.runner.task_runner import BoostRayTaskRunner
 
     @task
     def noop(i: int) -> int:

@@ -49,7 +49,7 @@ def _flows(address: str):
     from prefect_ray.context import remote_options
 
     from grid_flows import BoostRayTaskRunner, requires
-    from grid_flows.models import NODE_LABEL
+    from grid_flows.adapters.ray.cluster import NODE_LABEL
 
     one_second = _one_second_task()
 
@@ -108,7 +108,7 @@ class Flood:
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            from grid_flows.local_prefect import stop_process_group
+            from grid_flows.dev.local_prefect import stop_process_group
 
             stop_process_group(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -120,7 +120,7 @@ def flood_main(workdir: str) -> int:
     from prefect_ray import RayTaskRunner
     from prefect_ray.context import remote_options
 
-    from grid_flows.models import NODE_LABEL
+    from grid_flows.adapters.ray.cluster import NODE_LABEL
 
     d = Path(workdir)
     one_second = _one_second_task()

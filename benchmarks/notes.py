@@ -26,7 +26,7 @@ NOTES = """
    `boosts.expire_overdue` every 100 ms; from `expires_at` to the same raw group ready, 5 repetitions.
    Baseline: `remove_placement_group` of a raw group, then the same wait. With n=8 and n=5 the "p99"
    is the maximum.
-5. **Throttle accuracy**: 100 concurrent `guard.throttle_gpu_start("gpu1", 50, key=<fresh>)` calls: 10
+5. **Throttle accuracy**: 100 concurrent `throttle.throttle_gpu_start("gpu1", 50, key=<fresh>)` calls: 10
    warm Ray worker processes on gpu1, 10 threads each, one admission per thread, released together by a
    barrier actor; 5 repetitions with a fresh throttle actor each. The slot span is compared with the
    ideal 99 x 50 ms; every repetition must be within 15% and no gap between slots under 50 ms. (An
@@ -51,7 +51,7 @@ NOTES = """
    sleep: every node of this local cluster shares the same 2 cores, and the question is whether the
    lender's Ray capacity stays reserved, not whether 2 cores can do 3 nodes' work.
 8. **Status against a long history** (`benchmarks/status_history.py`): with 3 live boosts (1 CPU each)
-   and 10 ended records, `grid boost status --json` through the real entry point (`grid_flows.cli.main`,
+   and 10 ended records, `grid boost status --json` through the real entry point (`grid_flows.cli.app.main`,
    in process, output captured), `grid_flows.list_boosts()` and, as a noise reference, one plain
    Prefect read (the cluster document by name), alternating, 9 repetitions; `--all` 3 times. Then the
    history is grown to N ended records, written straight as `grid-boost-history` documents
@@ -158,7 +158,7 @@ locally and its states go to the server as events from a background thread, not 
   pydantic-settings' environment, dotenv and TOML sources for ~50 nested models) and then built two
   API clients, each loading the CA bundle: ~90-120 ms a task.
 
-`grid_flows/task_context.py` keeps what Prefect sends and restores but does each of these once: the
+`grid_flows/adapters/prefect/task_context.py` keeps what Prefect sends and restores but does each of these once: the
 driver serializes a `SettingsContext` once (and each task's own context as Prefect does), and each
 worker process builds each distinct settings once and keeps one open client for it, so the task's
 `SyncClientContext` and `get_client()` reuse it. Tests check that tasks still see their own flow
@@ -210,7 +210,7 @@ with fast health checks, and stops every process it started at the end, also on 
   beyond its total, the total equal to the share (also after the restart), and the grid groups placed
   there within it); orphan groups (a grid group without a live record in two samples >= 1 s apart
   and still at the end, plus any left after the last reconcile and the release of every boost).
-  Every 10 s the real `python -m grid_flows.cli boost status --json` in a fresh process (every 30 s
+  Every 10 s the real `python -m grid_flows.cli.app boost status --json` in a fresh process (every 30 s
   also `python -c "import prefect"` as a same-run baseline).
 - **Node loss**: half way gpu1 is killed (`LocalCluster.stop_node`) and started again 20 s later
   (`LocalCluster.restart_node`: same resources, lend tokens and label). 15 s before the kill this

@@ -33,8 +33,8 @@ def main(argv: list[str]) -> int:
     from prefect_ray import RayTaskRunner
 
     from benchmarks import integration as I
-    from grid_flows.runner import _run_guarded_task
-    from grid_flows.task_context import serialize_task_context
+    from grid_flows.runner.task_runner import _run_guarded_task
+    from grid_flows.adapters.prefect.task_context import serialize_task_context
 
     @task
     def noop(i: int) -> int:

@@ -22,8 +22,8 @@ def _view(n_nodes: int, seed: int = 1, distinct: bool = False):
     a few sizes, as in a real cluster (24 distinct shapes); distinct=True gives every node its
     own lendable memory, the worst case for OffloadIndex (one shape per node).
     """
-    from grid_flows.models import Resources
-    from grid_flows.scheduler import ClusterView, NodeView, Pressure
+    from grid_flows.core.models import Resources
+    from grid_flows.core.placement import ClusterView, NodeView, Pressure
 
     rnd = random.Random(seed)
     nodes = {"head": NodeView("head", free=Resources(cpu=0.5), in_flight=3)}
@@ -42,15 +42,15 @@ def _view(n_nodes: int, seed: int = 1, distinct: bool = False):
 
 
 def _boosts(n: int, node_names: list[str]):
-    from grid_flows.models import Resources
-    from grid_flows.scheduler import BoostView
+    from grid_flows.core.models import Resources
+    from grid_flows.core.placement import BoostView
 
     return [BoostView(id=f"{i:08x}-boost", source=node_names[i % len(node_names)],
                       free=Resources(cpu=0.5), usable=i % 3 != 0, in_flight=2) for i in range(n)]
 
 
 def _per_call_seconds(req, view, boosts, strategy, calls: int) -> list[float]:
-    from grid_flows.scheduler import place
+    from grid_flows.core.placement import place
 
     out = []
     place(req, view, boosts, strategy)  # warm
@@ -78,7 +78,7 @@ def _dispatch_updates(view, need) -> list:
 def _indexed_per_call_seconds(req, view, boosts, strategy, calls: int) -> list[float]:
     """Like _per_call_seconds, with an OffloadIndex built once (not timed) and one index.update()
     per decision inside the timed loop."""
-    from grid_flows.scheduler import OffloadIndex, place
+    from grid_flows.core.placement import OffloadIndex, place
 
     index = OffloadIndex.from_view(view)
     assert place(req, view, boosts, strategy, index=index) == place(req, view, boosts, strategy)
@@ -97,8 +97,8 @@ def _indexed_per_call_seconds(req, view, boosts, strategy, calls: int) -> list[f
 
 
 def decision_cost() -> list[Result]:
-    from grid_flows.models import Resources
-    from grid_flows.scheduler import Requirement, Strategy
+    from grid_flows.core.models import Resources
+    from grid_flows.core.placement import Requirement, Strategy
 
     req = Requirement(Resources(cpu=2, memory=2 * _GIB))
     views = {n: _view(n) for n in (10, 100, 1000)}
@@ -174,7 +174,7 @@ def decision_cost() -> list[Result]:
 # --------------------------------------------------------------------------- 2. admission scale
 
 def _spec(n_lenders: int):
-    from grid_flows.models import ClusterSpec
+    from grid_flows.core.models import ClusterSpec
 
     nodes = [{"name": "head", "role": "head", "cpu_count": 1, "memory_gb": 2}]
     for i in range(n_lenders):
@@ -195,10 +195,11 @@ def _admission_run(spec, n_ops: int, seed: int, full: bool) -> tuple[float, dict
     ledger.check_invariants over the live ledger after every grant. full=False is the
     baseline: the same records and transitions, no preemption planning, no invariant checks.
     """
-    from grid_flows import ledger
-    from grid_flows.ledger import Event
-    from grid_flows.models import BoostState, Priority, Resources
-    from grid_flows.preemption import plan_preemption
+    from grid_flows.core import ledger
+    from grid_flows import errors
+    from grid_flows.core.ledger import Event
+    from grid_flows.core.models import BoostState, Priority, Resources
+    from grid_flows.core.preemption import plan_preemption
 
     rnd = random.Random(seed)
     lenders = [n.name for n in spec.lenders()]
@@ -244,7 +245,7 @@ def _admission_run(spec, n_ops: int, seed: int, full: bool) -> tuple[float, dict
         if full:
             try:
                 ledger.check_invariants(spec, active.values())
-            except ledger.InvariantViolation:
+            except errors.InvariantViolation:
                 counts["violations"] += 1
     elapsed = time.perf_counter() - t0
     assert all(b.state is BoostState.active for b in active.values())

@@ -15,7 +15,7 @@ uses) and its own 3-node local Ray cluster of the test shape with fast health ch
   ~1 s: over-grants (the live records through ``ledger.check_invariants``, and Ray's view: lend
   tokens used, and the grid groups placed on each lender, within its total), orphan groups (a
   grid group with no live record in two samples >= 1 s apart), and the live-record read that
-  status makes; every 10 s it times the real CLI, ``python -m grid_flows.cli boost status
+  status makes; every 10 s it times the real CLI, ``python -m grid_flows.cli.app boost status
   --json``, in a fresh process.
 * half way it kills gpu1 (``LocalCluster.stop_node``) and restarts it 20 s later
   (``LocalCluster.restart_node``). Boosts on gpu1 at the kill are rightly ``lost``; a ``lost``
@@ -77,9 +77,9 @@ EXTEND_SHARE = 0.15
 
 def worker(index: int, out_path: str, until: float, seed: int) -> int:
     """Request, sometimes extend, hold, release (or abandon) until ``until``; one JSON line per event."""
-    from grid_flows import boosts
+    from grid_flows.control import boosts
     from grid_flows.api import release_boost, request_boost
-    from grid_flows.models import InvalidRequest, NoCapacity
+    from grid_flows.errors import InvalidRequest, NoCapacity
 
     rng = random.Random(seed)
     parts = _time_ray_steps()
@@ -145,7 +145,7 @@ def worker(index: int, out_path: str, until: float, seed: int) -> int:
 def _time_ray_steps() -> dict[str, float]:
     """Seconds spent per operation waiting for and holding the ledger lock, for a group to be placed,
     and for a removed group's capacity to show free (wrappers around the Ray adapter, this process only)."""
-    from grid_flows import ray_cluster as rc
+    from grid_flows.adapters.ray import cluster as rc
 
     parts: dict[str, float] = {}
     holding = [False]  # this process holds the ledger lock
@@ -184,7 +184,7 @@ def _time_ray_steps() -> dict[str, float]:
 
     rc.ledger_lock, rc.create_boost_group, rc.wait_group_freed = timed_lock, timed_create, timed_freed
 
-    from grid_flows.store import BoostStore
+    from grid_flows.adapters.prefect.store import BoostStore
 
     def timed_method(name: str, method):
         def timed(*a, **k):
@@ -261,7 +261,7 @@ class Observations:
 def _watch_history(obs: Observations) -> Iterator[None]:
     """Note every ended record this process reads. Each reconcile pass reads the whole history
     before it applies the retention rule, so every ended record is seen (no extra reads)."""
-    from grid_flows.store import BoostStore
+    from grid_flows.adapters.prefect.store import BoostStore
 
     original = BoostStore.history
 
@@ -283,10 +283,10 @@ def soak_grid(spec_data: dict, log_dir: Path) -> Iterator[tuple[object, object]]
     cluster, with fast health checks (a killed node is seen in ~0.6 s). Both stop on exit."""
     home = tempfile.mkdtemp(prefix="grid-soak-prefect-")
     os.environ["PREFECT_HOME"] = home
-    from grid_flows.cluster_file import parse_cluster
-    from grid_flows.local_prefect import local_prefect_server
-    from grid_flows.ray_cluster import LocalCluster
-    from grid_flows.store import BoostStore
+    from grid_flows.core.cluster_file import parse_cluster
+    from grid_flows.dev.local_prefect import local_prefect_server
+    from grid_flows.adapters.ray.cluster import LocalCluster
+    from grid_flows.adapters.prefect.store import BoostStore
 
     try:
         with local_prefect_server(home=home, log_file=log_dir / "prefect-server.log"):
@@ -302,7 +302,8 @@ def soak_grid(spec_data: dict, log_dir: Path) -> Iterator[tuple[object, object]]
 def _ray_view_problems(spec, nodes_raw: list[dict], available: dict[str, dict], table: dict) -> list[str]:
     """Lend tokens as Ray sees them: none used beyond a lender's total, every total equal to the
     share (also after the restart), and the grid groups placed on a lender within its total."""
-    from grid_flows.models import NODE_LABEL, PLACEMENT_GROUP_PREFIX
+    from grid_flows.core.models import PLACEMENT_GROUP_PREFIX
+    from grid_flows.adapters.ray.cluster import NODE_LABEL
 
     problems = []
     name_of = {n["NodeID"]: (n.get("Labels") or {}).get(NODE_LABEL) for n in nodes_raw}
@@ -341,9 +342,10 @@ def sampler(spec, obs: Observations, stop: threading.Event) -> None:
     from ray._private.state import available_resources_per_node
     from ray.util import placement_group_table
 
-    from grid_flows import ray_cluster as rc
-    from grid_flows.ledger import InvariantViolation, check_invariants
-    from grid_flows.store import BoostStore
+    from grid_flows.adapters.ray import cluster as rc
+    from grid_flows.core.ledger import check_invariants
+    from grid_flows.errors import InvariantViolation
+    from grid_flows.adapters.prefect.store import BoostStore
 
     previous: tuple[float, set[str]] = (0.0, set())
     with BoostStore() as store:
@@ -384,7 +386,7 @@ def sampler(spec, obs: Observations, stop: threading.Event) -> None:
 
 def reconciler(obs: Observations, stop: threading.Event) -> None:
     """reconcile() every 10 s (each pass reads the history before it prunes it: see _watch_history)."""
-    from grid_flows.boosts import reconcile
+    from grid_flows.control.boosts import reconcile
 
     while not stop.wait(RECONCILE_SECONDS):
         try:
@@ -402,7 +404,7 @@ def cli_status(obs: Observations, stop: threading.Event) -> None:
     """Time the real `grid boost status --json` in a fresh process every 10 s; every third time
     also `python -c "import prefect"` (same-run baseline: what the interpreter and Prefect's import
     cost before the CLI does anything)."""
-    command = [sys.executable, "-m", "grid_flows.cli", "boost", "status", "--json"]
+    command = [sys.executable, "-m", "grid_flows.cli.app", "boost", "status", "--json"]
     baseline = [sys.executable, "-c", "import prefect"]
     rounds = 0
     while not stop.wait(CLI_SECONDS / 2 if not obs.cli_times else CLI_SECONDS):
@@ -467,8 +469,8 @@ def _stop_workers(procs: list[tuple[subprocess.Popen, Path]], wait_seconds: floa
 
 
 def _orphans_now() -> set[str]:
-    from grid_flows import ray_cluster as rc
-    from grid_flows.store import BoostStore
+    from grid_flows.adapters.ray import cluster as rc
+    from grid_flows.adapters.prefect.store import BoostStore
 
     groups = set(rc.grid_groups())
     with BoostStore() as store:
@@ -478,9 +480,9 @@ def _orphans_now() -> set[str]:
 
 def run(minutes: float, log_dir: Path, seed: int) -> int:
     from benchmarks.integration import BENCH_CLUSTER
-    from grid_flows import boosts
-    from grid_flows import ray_cluster as rc
-    from grid_flows.store import BoostStore
+    from grid_flows.control import boosts
+    from grid_flows.adapters.ray import cluster as rc
+    from grid_flows.adapters.prefect.store import BoostStore
 
     obs = Observations()
     started_wall = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -553,8 +555,8 @@ def run(minutes: float, log_dir: Path, seed: int) -> int:
 def _hold_sentinel(obs: Observations, until: float) -> str | None:
     """Take a boost on the lender about to be killed and hold it (the workers may hold none there
     at that moment): its record must end ``lost``. None if gpu1 stayed full until ``until``."""
-    from grid_flows import boosts
-    from grid_flows.models import NoCapacity
+    from grid_flows.control import boosts
+    from grid_flows.errors import NoCapacity
 
     while time.time() < until:
         try:

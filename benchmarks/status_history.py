@@ -35,7 +35,7 @@ WRITERS = 2  # threads writing history documents, each with its own BoostStore (
 
 def status_cli(*args: str) -> tuple[float, list]:
     """`grid boost status --json ARGS` through the real entry point, in process; (seconds, rows)."""
-    from grid_flows.cli import main
+    from grid_flows.cli.app import main
 
     argv, buf = sys.argv, io.StringIO()
     sys.argv = ["grid", "boost", "status", "--json", *args]
@@ -67,8 +67,8 @@ def _timed(fn) -> tuple[float, object]:
 
 def _ended_boost(i: int, now):
     """The i-th ended record: released i seconds before ``now`` (newest first by i), 10 minutes long."""
-    from grid_flows.ledger import Event, new_boost, transition
-    from grid_flows.models import Priority, Resources
+    from grid_flows.core.ledger import Event, new_boost, transition
+    from grid_flows.core.models import Priority, Resources
 
     ended = now - timedelta(seconds=i)
     b = new_boost(uuid.uuid4().hex, source="gpu1", target="gpu-master", resources=Resources(cpu=1),
@@ -80,8 +80,8 @@ def _ended_boost(i: int, now):
 
 def write_history(start: int, stop: int, now, threads: int = WRITERS) -> tuple[float, int]:
     """Create history documents for records start..stop-1; (seconds, documents written)."""
-    from grid_flows.blocks import GridBoostHistory
-    from grid_flows.store import BoostStore, _register
+    from grid_flows.adapters.prefect.blocks import GridBoostHistory
+    from grid_flows.adapters.prefect.store import BoostStore, _register
 
     _register(GridBoostHistory)  # once, before the threads
     boosts = [_ended_boost(i, now) for i in range(start, stop)]
@@ -121,7 +121,7 @@ def write_history(start: int, stop: int, now, threads: int = WRITERS) -> tuple[f
 
 
 def _history_count() -> int:
-    from grid_flows.store import BoostStore
+    from grid_flows.adapters.prefect.store import BoostStore
 
     with BoostStore() as store:
         return len(store.history())
@@ -129,7 +129,7 @@ def _history_count() -> int:
 
 def _load_cluster_once() -> float:
     """One plain Prefect read (the cluster document by name): a noise reference for both phases."""
-    from grid_flows.store import BoostStore
+    from grid_flows.adapters.prefect.store import BoostStore
 
     with BoostStore() as store:
         t0 = time.perf_counter()
@@ -171,9 +171,9 @@ def _ms(s: Stats) -> str:
 
 def status_history(n_history: int = HISTORY) -> list[Result]:
     from benchmarks.integration import _CallTimer, _clean
-    from grid_flows import boosts
-    from grid_flows.models import utcnow
-    from grid_flows.store import BoostStore
+    from grid_flows.control import boosts
+    from grid_flows.core.models import utcnow
+    from grid_flows.adapters.prefect.store import BoostStore
 
     _clean()
     _say(f"requesting {LIVE} live boosts")
@@ -252,7 +252,7 @@ def status_history(n_history: int = HISTORY) -> list[Result]:
             ratio=status_ratio.fmt(1, "x", 2),
             goal="ratio <= 1.2",
             passed=status_ratio.median <= 1.2,
-            note=f"the real entry point (`grid_flows.cli.main`) in process, output captured; it reads only the live "
+            note=f"the real entry point (`grid_flows.cli.app.main`) in process, output captured; it reads only the live "
                  f"records: one `POST /block_documents/filter` page of grid-boost documents (plus opening a "
                  f"client). The store filters by `block_documents.block_type_id`, which the (block_type_id, "
                  f"name) index serves; a filter by block-type slug made SQLite visit every document, history "

@@ -9,7 +9,7 @@ Example:
     ```
 
 The public names are loaded on first use (PEP 562), so importing a pure module such as
-``grid_flows.scheduler`` loads neither Ray nor Prefect.
+``grid_flows.core.placement`` loads neither Ray nor Prefect.
 """
 
 from __future__ import annotations
@@ -19,24 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "BoostRayTaskRunner": "grid_flows.runner",
+    "BoostRayTaskRunner": "grid_flows.runner.task_runner",
     "boost": "grid_flows.api",
     "boosted": "grid_flows.api",
     "list_boosts": "grid_flows.api",
     "release_boost": "grid_flows.api",
     "request_boost": "grid_flows.api",
-    "requires": "grid_flows.requirements",
-    "load_cluster_file": "grid_flows.cluster_file",
-    "local_cluster": "grid_flows.ray_cluster",
-    "Boost": "grid_flows.models",
-    "BoostState": "grid_flows.models",
-    "BoostsDisabled": "grid_flows.models",
-    "ClusterSpec": "grid_flows.models",
-    "GridError": "grid_flows.models",
-    "InvalidRequest": "grid_flows.models",
-    "NoCapacity": "grid_flows.models",
-    "Priority": "grid_flows.models",
-    "Resources": "grid_flows.models",
+    "requires": "grid_flows.runner.requirements",
+    "load_cluster_file": "grid_flows.core.cluster_file",
+    "local_cluster": "grid_flows.adapters.ray.cluster",
+    "Boost": "grid_flows.core.models",
+    "BoostState": "grid_flows.core.models",
+    "BoostsDisabled": "grid_flows.errors",
+    "ClusterSpec": "grid_flows.core.models",
+    "GridError": "grid_flows.errors",
+    "InvalidRequest": "grid_flows.errors",
+    "NoCapacity": "grid_flows.errors",
+    "Priority": "grid_flows.core.models",
+    "Resources": "grid_flows.core.models",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -56,10 +56,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from grid_flows.api import boost, boosted, list_boosts, release_boost, request_boost
-    from grid_flows.cluster_file import load_cluster_file
-    from grid_flows.models import (
-        Boost, BoostsDisabled, BoostState, ClusterSpec, GridError, InvalidRequest, NoCapacity, Priority, Resources,
-    )
-    from grid_flows.ray_cluster import local_cluster
-    from grid_flows.requirements import requires
-    from grid_flows.runner import BoostRayTaskRunner
+    from grid_flows.core.cluster_file import load_cluster_file
+    from grid_flows.core.models import Boost, BoostState, ClusterSpec, Priority, Resources
+    from grid_flows.errors import BoostsDisabled, GridError, InvalidRequest, NoCapacity
+    from grid_flows.adapters.ray.cluster import local_cluster
+    from grid_flows.runner.requirements import requires
+    from grid_flows.runner.task_runner import BoostRayTaskRunner

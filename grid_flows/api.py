@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 
-from grid_flows import boosts as _boosts
-from grid_flows.models import Boost, Priority
+from grid_flows.control import boosts as _boosts
+from grid_flows.core.models import Boost, Priority
 
 
 def request_boost(
@@ -60,8 +60,8 @@ _ON_UNAVAILABLE = ("wait", "run", "fail")
 
 
 def _check_on_unavailable(on_unavailable: str, wait: float) -> None:
-    from grid_flows.models import InvalidRequest
-    from grid_flows.units import check_amount
+    from grid_flows.errors import InvalidRequest
+    from grid_flows.core.units import check_amount
 
     if on_unavailable not in _ON_UNAVAILABLE:
         raise InvalidRequest(f"on_unavailable: unknown value {on_unavailable!r}; expected one of {', '.join(_ON_UNAVAILABLE)}")
@@ -74,7 +74,7 @@ def _check_on_unavailable(on_unavailable: str, wait: float) -> None:
 def _current_runner():
     from prefect.context import FlowRunContext
 
-    from grid_flows.runner import BoostRayTaskRunner
+    from grid_flows.runner.task_runner import BoostRayTaskRunner
 
     ctx = FlowRunContext.get()
     runner = ctx.task_runner if ctx else None
@@ -84,7 +84,7 @@ def _current_runner():
 def _request_with_policy(target, on_unavailable: str, wait: float, logger, **request_args) -> Boost | None:
     import time
 
-    from grid_flows.models import BoostsDisabled, NoCapacity
+    from grid_flows.errors import BoostsDisabled, NoCapacity
 
     deadline = time.monotonic() + (wait if on_unavailable == "wait" else 0)
     while True:
@@ -149,7 +149,7 @@ def boost(
         logger = get_logger("grid_flows")
     target = target or (runner.target if runner else None)
     if not target:
-        from grid_flows.models import InvalidRequest
+        from grid_flows.errors import InvalidRequest
 
         raise InvalidRequest("boost(): no target given and no BoostRayTaskRunner to take it from")
     granted = _request_with_policy(
@@ -207,7 +207,7 @@ def boosted(
 
     from prefect import Flow
 
-    from grid_flows.runner import BoostRayTaskRunner
+    from grid_flows.runner.task_runner import BoostRayTaskRunner
 
     # Fail at decoration time, not in the middle of a run.
     _check_on_unavailable(on_unavailable, wait)

@@ -28,7 +28,7 @@ def check(condition: bool, message: str) -> None:
 
 
 def ray_nodes(names: list[str]) -> None:
-    from grid_flows.ray_cluster import connect, grid_nodes
+    from grid_flows.adapters.ray.cluster import connect, grid_nodes
 
     connect()
     deadline = time.monotonic() + 30
@@ -48,7 +48,7 @@ async def _run_example(out: str) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.deployments import run_deployment
 
-    from grid_flows.ray_cluster import connect, grid_nodes
+    from grid_flows.adapters.ray.cluster import connect, grid_nodes
 
     started = time.monotonic()
     flow_run = await run_deployment("boosted-example/boosted-example", timeout=600, poll_interval=2)

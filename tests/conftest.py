@@ -83,9 +83,9 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def grid_session(prefect_server):
-    from grid_flows.cluster_file import parse_cluster
-    from grid_flows.ray_cluster import local_cluster
-    from grid_flows.store import BoostStore
+    from grid_flows.core.cluster_file import parse_cluster
+    from grid_flows.adapters.ray.cluster import local_cluster
+    from grid_flows.adapters.prefect.store import BoostStore
 
     spec = parse_cluster(TEST_CLUSTER)
     with BoostStore() as store:
@@ -98,7 +98,7 @@ def grid_session(prefect_server):
 def changed_cluster(grid: Grid, change):
     """The cluster block as ``change(data)`` makes it (``data``: the session spec as JSON)
     meanwhile; the session's spec again afterwards."""
-    from grid_flows.store import BoostStore
+    from grid_flows.adapters.prefect.store import BoostStore
 
     spec = grid.spec
     changed = type(spec).model_validate(change(spec.model_dump(mode="json")))
@@ -125,6 +125,6 @@ def grid(grid_session):
 
 
 def _clean_ledger() -> None:
-    from grid_flows.boosts import release_everything
+    from grid_flows.control.boosts import release_everything
 
     release_everything("test cleanup")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from grid_flows.ledger import new_boost
-from grid_flows.models import Boost, BoostState, Priority, Resources
+from grid_flows.core.ledger import new_boost
+from grid_flows.core.models import Boost, BoostState, Priority, Resources
 
 GIB = 1024**3
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)  # created

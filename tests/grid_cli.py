@@ -9,7 +9,7 @@ import pytest
 
 def grid_cli(capsys, *args: str) -> tuple[int, str, str]:
     """`grid ARGS` through the real entry point; returns exit code, stdout and stderr."""
-    from grid_flows.cli import main
+    from grid_flows.cli.app import main
 
     argv = sys.argv
     sys.argv = ["grid", *args]

@@ -1,4 +1,4 @@
-"""Request, release and expire as thin Prefect flows over :mod:`grid_flows.boosts`.
+"""Request, release and expire as thin Prefect flows over :mod:`grid_flows.control.boosts`.
 
 They run the same code as the Python API and the CLI; bad parameters fail the run with
 the same one-line message.
@@ -17,9 +17,9 @@ from typing import Annotated, Any, Optional, Union
 from prefect import flow, get_run_logger
 from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
-from grid_flows import boosts
-from grid_flows.ledger import PENDING_TIMEOUT_SECONDS
-from grid_flows.store import BoostStore
+from grid_flows.control import boosts
+from grid_flows.core.ledger import PENDING_TIMEOUT_SECONDS
+from grid_flows.adapters.prefect.store import BoostStore
 
 
 @flow(name="grid-request-boost", log_prints=False)
@@ -60,7 +60,7 @@ def expire_boosts() -> list[str]:
         live = store.list()
         overdue = [b for b in live if b.is_overdue(boosts.utcnow())]
         if overdue:
-            from grid_flows.ray_cluster import connect
+            from grid_flows.adapters.ray.cluster import connect
 
             connect()
         ended = boosts.expire_overdue(store, boosts=overdue)  # each end publishes the table: only on change

@@ -8,7 +8,7 @@ that names the node and the key; without ``node``, only nodes that admit the com
 are candidates. This is checked before anything is submitted to Ray, and again on the
 node inside the Ray task, right before the start.
 
-Where it runs is the scheduler's decision (:func:`grid_flows.scheduler.place`) over a
+Where it runs is the scheduler's decision (:func:`grid_flows.core.placement.place`) over a
 view built from the live Ray nodes: the target (the cluster's head) when it has room
 (and admits the command), else a lender's free share (the task carries the lend tokens,
 so Ray itself keeps it within the share), else (or with ``use_boost="always"``) a boost
@@ -56,23 +56,16 @@ from prefect import flow, get_run_logger
 from prefect.states import Cancelled
 from pydantic import StrictFloat, StrictInt, StrictStr
 
-from grid_flows.models import GridError, InvalidRequest, NODE_LABEL, NoCapacity, Resources
+from grid_flows.core.models import Resources
+from grid_flows.adapters.ray.cluster import NODE_LABEL
+from grid_flows.errors import GridError, InvalidRequest, NoCapacity
+from grid_flows.errors import OffloadFailed
 
 OUTPUT_LOGGER = "prefect.flow_runs.offload"
 USE_BOOST = ("auto", "always", "never")
 TIMEOUT_EXIT_CODE = 124  # as coreutils' timeout(1)
 _CANCEL_POLL_SECONDS = 1.0
 
-
-class OffloadFailed(GridError):
-    """The offloaded command ended badly; ``exit_code`` is what ``grid offload run`` exits with."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def __reduce__(self):  # picklable with its exit code
-        return (OffloadFailed, (str(self), self.exit_code))
 
 
 def _output_logger():
@@ -88,7 +81,7 @@ def _output_logger():
 def _remote_functions():
     import ray
 
-    from grid_flows import offload as core
+    from grid_flows.adapters.host import offload as core
 
     @ray.remote(max_retries=0, max_calls=1)  # max_calls=1: the worker whose priority we lowered exits after
     def _offload_task(argv, cwd, env, node_spec, queue, timeout_seconds, grace_seconds):
@@ -112,7 +105,7 @@ def _remote_functions():
 def allowed_nodes(spec, argv: List[str], node: Optional[str] = None) -> List[str]:
     """The nodes that may run ``argv`` (pure). InvalidRequest in one line when the named
     ``node`` refuses it, or when every node does."""
-    from grid_flows.offload import command_refusal, no_node_allows
+    from grid_flows.adapters.host.offload import command_refusal, no_node_allows
 
     refusals = {n.name: command_refusal(n, argv) for n in spec.nodes}
     if node is not None:
@@ -132,8 +125,8 @@ def choose(spec, nodes, resources: Resources, node: Optional[str], strategy: str
     import re
     from dataclasses import replace
 
-    from grid_flows.offload import cluster_view
-    from grid_flows.scheduler import Requirement, Strategy, place
+    from grid_flows.adapters.host.offload import cluster_view
+    from grid_flows.core.placement import Requirement, Strategy, place
 
     target = spec.head.name
     if node is not None:
@@ -157,8 +150,8 @@ def check_request(command: Any, env: Any = None, secret_env: Any = None, *, cpu:
                   cwd: Optional[str] = None, priority: str = "normal"):
     """The run's input checked without Ray or a server (pure): ``(argv, env, secret_env,
     resources)`` or InvalidRequest in one line. Messages never hold an env value."""
-    from grid_flows.boosts import parse_priority
-    from grid_flows.offload import validate_env
+    from grid_flows.control.boosts import parse_priority
+    from grid_flows.adapters.host.offload import validate_env
 
     argv = validate_command(command)
     plain = validate_env(env, "env")
@@ -186,7 +179,7 @@ def resolve_secrets(secret_env: Dict[str, str]) -> Dict[str, str]:
     InvalidRequest in one line for a block that does not exist or holds no string; the
     values are never logged and never part of a message.
     """
-    from grid_flows.offload import validate_env
+    from grid_flows.adapters.host.offload import validate_env
 
     if not secret_env:
         return {}
@@ -268,11 +261,11 @@ def offload(
     bad input, no capacity) ends the run Failed with a one-line message and the error
     (with its ``exit_code``) as the state's data, rather than a traceback in the logs.
     """
-    from grid_flows import boosts
-    from grid_flows import ray_cluster as rc
-    from grid_flows.offload import command_refusal
-    from grid_flows.scheduler import PlacementKind
-    from grid_flows.store import BoostStore
+    from grid_flows.control import boosts
+    from grid_flows.adapters.ray import cluster as rc
+    from grid_flows.adapters.host.offload import command_refusal
+    from grid_flows.core.placement import PlacementKind
+    from grid_flows.adapters.prefect.store import BoostStore
 
     log = _output_logger()
     argv, env, secret_env, resources = check_request(
@@ -320,8 +313,8 @@ def offload(
 def _request_boost(spec, target: str, resources: Resources, priority: str, duration, placement,
                    node: Optional[str], allowed: List[str]):
     """A boost for the run from a lender that allows the command; NoCapacity if none can lend."""
-    from grid_flows import boosts
-    from grid_flows.scheduler import PlacementKind
+    from grid_flows.control import boosts
+    from grid_flows.core.placement import PlacementKind
 
     if placement.kind is PlacementKind.offload:
         sources: List[Optional[str]] = [placement.node]
@@ -352,9 +345,9 @@ def _run(argv, cwd, env, node_spec, kind, where, reason, target, strategy, place
     import ray
     from ray.util.queue import Empty, Queue
 
-    from grid_flows import ray_cluster as rc
-    from grid_flows.guard import limits_for
-    from grid_flows.scheduler import PlacementKind
+    from grid_flows.adapters.ray import cluster as rc
+    from grid_flows.core.modes import limits_for
+    from grid_flows.core.placement import PlacementKind
 
     limits = limits_for(node_spec)
     group = rc.group_handle(boost.placement_group_id) if kind is PlacementKind.boost else None
@@ -511,13 +504,13 @@ def _cancelling(run_id: str) -> bool:
 def validate_command(command: Any) -> List[str]:
     """The command as a list of strings ``exec`` can take: a single string is refused (it
     would need a shell), and so are empty lists, non-strings and NUL bytes."""
-    from grid_flows.offload import validate_argv
+    from grid_flows.adapters.host.offload import validate_argv
 
     return validate_argv(command)
 
 
 def _resources(cpu: Any, gpu: Any, memory: Any) -> Resources:
-    from grid_flows.units import parse_number
+    from grid_flows.core.units import parse_number
 
     try:
         return Resources.parse(cpu=parse_number(cpu, "cpu"), gpu=parse_number(gpu, "gpu"), memory=memory)

@@ -1,9 +1,9 @@
 """Rebalance and cluster status as Prefect flows.
 
 ``grid-rebalance`` samples every node (a ``num_cpus=0`` probe per node, see
-:mod:`grid_flows.metrics`), adds the samples to the persisted metrics history, asks
-:func:`grid_flows.policy.decide` what to do, and carries the decisions out through
-:mod:`grid_flows.boosts`, the one code path for boost changes:
+:mod:`grid_flows.adapters.ray.metrics`), adds the samples to the persisted metrics history, asks
+:func:`grid_flows.core.policy.decide` what to do, and carries the decisions out through
+:mod:`grid_flows.control.boosts`, the one code path for boost changes:
 
 - ``grant``: ``boosts.request(..., origin="rebalance")`` from the chosen lender;
 - ``release``: ``boosts.release`` of a rebalance-made boost whose borrower calmed down;
@@ -36,25 +36,19 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from grid_flows import boosts
-from grid_flows import ray_cluster as rc
-from grid_flows.ledger import Event, held_by_borrower, held_by_lender
-from grid_flows.metrics import (
-    DEFAULT_PROBE_TIMEOUT_SECONDS,
-    HISTORY_BLOCK_DEFAULT,
-    BlockHistoryStore,
-    MetricsCollector,
-    MetricsSource,
-    NodeReading,
-    RayProbeSource,
-    check_history_name,
-    load_history,
-    node_pressure,
+from grid_flows.control import boosts
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.core.ledger import Event, held_by_borrower, held_by_lender
+from grid_flows.adapters.ray.metrics import DEFAULT_PROBE_TIMEOUT_SECONDS, RayProbeSource
+from grid_flows.adapters.prefect.metrics_store import HISTORY_BLOCK_DEFAULT, BlockHistoryStore, load_history
+from grid_flows.core.metrics import (
+    MetricsCollector, MetricsSource, NodeReading, check_history_name, node_pressure,
 )
-from grid_flows.models import Boost, ClusterSpec, GridError, InvalidRequest, Resources, utcnow
-from grid_flows.policy import Decision, decide
-from grid_flows.store import BoostStore
-from grid_flows.units import format_amount, format_bytes
+from grid_flows.core.models import Boost, ClusterSpec, Resources, utcnow
+from grid_flows.errors import GridError, InvalidRequest
+from grid_flows.core.policy import Decision, decide
+from grid_flows.adapters.prefect.store import BoostStore
+from grid_flows.core.units import format_amount, format_bytes
 
 PRESSURE_ARTIFACT_KEY = "grid-pressure"
 SUMMARY_ARTIFACT_KEY = "grid-rebalance"

@@ -11,9 +11,10 @@ import pytest
 import ray
 
 from grid_flows import NoCapacity, list_boosts, release_boost, request_boost
-from grid_flows import ray_cluster as rc
-from grid_flows.models import NODE_LABEL, BoostState
-from grid_flows.store import BOOSTS_ARTIFACT_KEY, BoostStore
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.core.models import BoostState
+from grid_flows.adapters.ray.cluster import NODE_LABEL
+from grid_flows.adapters.prefect.store import BOOSTS_ARTIFACT_KEY, BoostStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -149,7 +150,7 @@ def test_a_boost_is_visible_and_releasable_from_another_process(grid):
     env = grid.env()
 
     status = subprocess.run(
-        [sys.executable, "-m", "grid_flows.cli", "boost", "status", "--json"],
+        [sys.executable, "-m", "grid_flows.cli.app", "boost", "status", "--json"],
         env=env, capture_output=True, text=True, timeout=90,
     )
     assert status.returncode == 0, status.stderr
@@ -164,7 +165,7 @@ def test_a_boost_is_visible_and_releasable_from_another_process(grid):
     assert json.loads(listed.stdout.strip().splitlines()[-1]) == [boost.id], listed.stderr
 
     released = subprocess.run(
-        [sys.executable, "-m", "grid_flows.cli", "boost", "release", boost.id[:8]],
+        [sys.executable, "-m", "grid_flows.cli.app", "boost", "release", boost.id[:8]],
         env=env, capture_output=True, text=True, timeout=90,
     )
     assert released.returncode == 0, released.stderr

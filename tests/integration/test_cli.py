@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from grid_flows import list_boosts
-from grid_flows import ray_cluster as rc
-from grid_flows.store import BoostStore, ClusterNotConfigured
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.adapters.prefect.store import BoostStore
+from grid_flows.errors import ClusterNotConfigured
 from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -83,7 +84,7 @@ def test_seed_form_and_multi_resource_form_then_status_and_release_by_prefix(gri
 
 
 def test_status_prefixes_are_unique_and_an_ambiguous_prefix_is_refused():
-    from grid_flows.cli import unique_prefixes
+    from grid_flows.cli.app import unique_prefixes
 
     ids = ["abcdef0123456789", "abcdef0199999999", "99999999aaaa"]
     assert unique_prefixes(ids) == {"abcdef0123456789": "abcdef012", "abcdef0199999999": "abcdef019",
@@ -99,8 +100,8 @@ def test_status_prefixes_are_unique_and_an_ambiguous_prefix_is_refused():
 def _any_boost():
     from datetime import datetime, timezone
 
-    from grid_flows.ledger import new_boost
-    from grid_flows.models import Priority, Resources
+    from grid_flows.core.ledger import new_boost
+    from grid_flows.core.models import Priority, Resources
 
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     return new_boost("x", source="gpu1", target="gpu-master", resources=Resources(cpu=1),

@@ -16,19 +16,17 @@ import ray
 from prefect import flow, task
 from prefect_ray.context import remote_options
 
-from grid_flows import BoostRayTaskRunner, guard, requires
-from grid_flows import ray_cluster as rc
-from grid_flows.guard import (
-    GpuDevice,
-    GpuUnavailable,
-    VramCapExceeded,
-    apply_process_priority,
-    guard_task,
-    limits_for,
-    limits_for_mode,
-)
-from grid_flows.models import NODE_LABEL, ResourceMode
-from grid_flows.settings import RAY_NAMESPACE
+from grid_flows import BoostRayTaskRunner, requires
+from grid_flows.adapters.host import guard
+from grid_flows.adapters.ray import throttle
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.adapters.host.guard import apply_process_priority
+from grid_flows.core.modes import GpuDevice, limits_for, limits_for_mode
+from grid_flows.runner.worker import guard_task
+from grid_flows.errors import GpuUnavailable, VramCapExceeded
+from grid_flows.core.models import ResourceMode
+from grid_flows.adapters.ray.cluster import NODE_LABEL
+from grid_flows.adapters.prefect.settings import RAY_NAMESPACE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -48,7 +46,7 @@ def _gpu_start(key: str | None) -> tuple[float, float, int]:
     if key is None:  # warm-up: a worker with grid_flows imported, held long enough to need PROCESSES of them
         time.sleep(1.0)
         return 0.0, 0.0, os.getpid()
-    slot = guard.throttle_gpu_start("gpu1", 50, key=key)
+    slot = throttle.throttle_gpu_start("gpu1", 50, key=key)
     return slot.start, time.time(), os.getpid()
 
 
@@ -78,12 +76,12 @@ def _actor_node_id(name: str) -> str:
 
 def test_hundred_concurrent_gpu_starts_on_one_node_are_spaced(grid):
     key = uuid.uuid4().hex[:8]  # a fresh throttle actor, so its counter holds only this test's starts
-    name = guard.throttle_actor_name("gpu1", key)
+    name = throttle.throttle_actor_name("gpu1", key)
     on_gpu1 = _gpu_start.options(label_selector=ON_GPU1, memory=TASK_MEMORY)
     try:
         # Create the actor and the worker processes first, so that the measured part is
         # the throttle and not Ray starting processes.
-        assert guard.throttle_starts("gpu1", key=key) == 0
+        assert throttle.throttle_starts("gpu1", key=key) == 0
         ray.get([on_gpu1.remote(None) for _ in range(PROCESSES)], timeout=120)
 
         results = ray.get([on_gpu1.remote(key) for _ in range(100)], timeout=120)
@@ -112,11 +110,11 @@ def test_hundred_concurrent_gpu_starts_on_one_node_are_spaced(grid):
             f"{len({pid for _, _, pid in results})} processes"
         )
         assert 0.040 <= observed_gaps[len(observed_gaps) // 2] <= 0.060
-        assert guard.throttle_starts("gpu1", key=key) == 100
+        assert throttle.throttle_starts("gpu1", key=key) == 100
         assert len({pid for _, _, pid in results}) > 1  # reservations really came from several processes
         assert _actor_node_id(name) == rc.grid_nodes()["gpu1"].node_id
     finally:
-        guard.kill_throttle("gpu1", key=key)
+        throttle.kill_throttle("gpu1", key=key)
     with pytest.raises(ValueError):
         ray.get_actor(name, namespace=RAY_NAMESPACE)
 
@@ -140,23 +138,23 @@ def test_conservative_priority_applied_inside_a_task_on_gpu1(grid):
 
 def test_guard_task_in_a_gpu_task_on_a_node_without_nvidia(grid):
     node = grid.spec.node("gpu1")
-    guard.kill_throttle("gpu1")  # the node's real throttle: start its count from zero
+    throttle.kill_throttle("gpu1")  # the node's real throttle: start its count from zero
     try:
         report, nice = ray.get(_guarded.options(label_selector=ON_GPU1).remote(node, 0), timeout=60)
         assert nice >= 10 and report.node == "gpu1"
         assert report.vram.ok  # needs no VRAM: admitted although NVML sees no GPU here
         assert report.vram_cap["env"] == {} and "skipped" in report.vram_cap
-        assert guard.throttle_starts("gpu1") == 1  # the node's real throttle actor took the start
+        assert throttle.throttle_starts("gpu1") == 1  # the node's real throttle actor took the start
 
         with pytest.raises(GpuUnavailable, match="node 'gpu1' has no GPU to give 1 GiB"):
             ray.get(_guarded.options(label_selector=ON_GPU1).remote(node, 1024**3), timeout=60)
-        assert guard.throttle_starts("gpu1") == 2
+        assert throttle.throttle_starts("gpu1") == 2
 
         # No VRAM stated: the mode's default need has no device to be checked against.
         report, _ = ray.get(_guarded.options(label_selector=ON_GPU1).remote(node, None), timeout=60)
         assert report.vram.ok and report.vram.reason.startswith("no VRAM stated and node 'gpu1' shows no GPU")
     finally:
-        guard.kill_throttle("gpu1")
+        throttle.kill_throttle("gpu1")
 
 
 # --------------------------------------------------------------------------- the VRAM need through the runner
@@ -206,11 +204,11 @@ class FakeGpu:
 
 @pytest.fixture
 def fake_gpu(grid, tmp_path):
-    guard.kill_throttle("gpu1")
+    throttle.kill_throttle("gpu1")
     try:
         yield FakeGpu(tmp_path / "gpu.json", grid.api_url)
     finally:
-        guard.kill_throttle("gpu1")
+        throttle.kill_throttle("gpu1")
 
 
 @task

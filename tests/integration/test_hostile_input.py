@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from grid_flows import list_boosts, release_boost, request_boost
-from grid_flows import ray_cluster as rc
-from grid_flows.boosts import extend, reconcile
-from grid_flows.models import InvalidRequest
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.control.boosts import extend, reconcile
+from grid_flows.errors import InvalidRequest
 from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _grid_process(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "grid_flows.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "grid_flows.cli.app", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

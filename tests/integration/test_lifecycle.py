@@ -12,11 +12,12 @@ import ray
 from prefect import flow, task
 
 from grid_flows import BoostRayTaskRunner, NoCapacity, boosted, list_boosts, request_boost
-from grid_flows import ray_cluster as rc
-from grid_flows.boosts import extend, reconcile
-from grid_flows.ledger import new_boost
-from grid_flows.models import BoostState, InvalidRequest, Priority, Resources, utcnow
-from grid_flows.store import BoostStore
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.control.boosts import extend, reconcile
+from grid_flows.core.ledger import new_boost
+from grid_flows.core.models import BoostState, Priority, Resources, utcnow
+from grid_flows.errors import InvalidRequest
+from grid_flows.adapters.prefect.store import BoostStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -82,8 +83,8 @@ def test_reconcile_leaves_a_young_pending_request_alone(grid):
     assert young.placement_group in rc.grid_groups()
     assert _record(young.id).state is BoostState.pending
     with BoostStore() as store:
-        from grid_flows.boosts import end
-        from grid_flows.ledger import Event
+        from grid_flows.control.boosts import end
+        from grid_flows.core.ledger import Event
 
         end(store, young.id, Event.fail, "test cleanup")
 
@@ -104,7 +105,7 @@ def test_higher_priority_preempts_lower_and_never_equal(grid):
 
 
 def test_a_preemption_that_cannot_complete_leaves_the_victim_holding_its_capacity(grid, monkeypatch):
-    from grid_flows import boosts as boost_ops
+    from grid_flows.control import boosts as boost_ops
 
     low = request_boost("gpu-master", cpu=2, source="gpu1", priority="low")
     real_start = rc.start_boost_group

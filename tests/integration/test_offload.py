@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import psutil
 import pytest
 
-from grid_flows import ray_cluster as rc
-from grid_flows.store import BoostStore
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.adapters.prefect.store import BoostStore
 from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -21,9 +21,11 @@ from grid_flows.flows.rebalance import (
     rebalance,
     set_metrics_source,
 )
-from grid_flows.metrics import NO_GPU, RayProbeSource, StaticSource
-from grid_flows.models import BoostState, InvalidRequest, utcnow
-from grid_flows.store import BoostStore
+from grid_flows.adapters.ray.metrics import RayProbeSource
+from grid_flows.core.metrics import NO_GPU, StaticSource
+from grid_flows.core.models import BoostState, utcnow
+from grid_flows.errors import InvalidRequest
+from grid_flows.adapters.prefect.store import BoostStore
 from tests.conftest import sharing_settings
 from tests.grid_cli import grid_cli
 
@@ -220,7 +222,7 @@ def test_the_real_probe_samples_every_node(grid):
 def test_the_probe_runs_on_a_node_whose_cpus_are_all_reserved(grid):
     from ray.util import placement_group, remove_placement_group
 
-    from grid_flows.models import NODE_LABEL
+    from grid_flows.adapters.ray.cluster import NODE_LABEL
 
     group = placement_group([{"CPU": 2}], name=f"grid-boost-test-{uuid.uuid4().hex[:8]}",
                             bundle_label_selector=[{NODE_LABEL: "gpu2"}])

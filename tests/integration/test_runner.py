@@ -15,8 +15,9 @@ import ray
 from prefect import flow, task
 
 from grid_flows import BoostRayTaskRunner, boosted, list_boosts, requires
-from grid_flows import ray_cluster as rc
-from grid_flows.models import LEND_CPU, NODE_LABEL, BoostState
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.core.models import LEND_CPU, BoostState
+from grid_flows.adapters.ray.cluster import NODE_LABEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -180,8 +181,8 @@ _KILLED_FLOW = textwrap.dedent(
 
 
 def test_a_boost_outlives_a_killed_flow_only_until_it_expires(grid):
-    from grid_flows.boosts import expire_overdue
-    from grid_flows.store import BoostStore
+    from grid_flows.control.boosts import expire_overdue
+    from grid_flows.adapters.prefect.store import BoostStore
 
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_FLOW], env=grid.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -309,7 +310,7 @@ def test_the_task_context_is_what_prefect_would_serialize(grid):
 
     from prefect.context import serialize_context
 
-    from grid_flows.task_context import serialize_task_context
+    from grid_flows.adapters.prefect.task_context import serialize_task_context
 
     @flow
     def compare() -> tuple[dict, dict, bool]:

@@ -18,12 +18,14 @@ import ray
 from prefect import flow, task
 
 from grid_flows import BoostRayTaskRunner, list_boosts, request_boost, requires
-from grid_flows import boosts as boost_ops
-from grid_flows import ray_cluster as rc
-from grid_flows.metrics import BlockHistoryStore, history_to_data
-from grid_flows.models import BoostState, InvalidRequest, utcnow
-from grid_flows.pressure import MetricsHistory, NodeSample
-from grid_flows.store import BoostStore
+from grid_flows.control import boosts as boost_ops
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.adapters.prefect.metrics_store import BlockHistoryStore
+from grid_flows.core.metrics import history_to_data
+from grid_flows.core.models import BoostState, utcnow
+from grid_flows.errors import InvalidRequest
+from grid_flows.core.pressure import MetricsHistory, NodeSample
+from grid_flows.adapters.prefect.store import BoostStore
 from tests.conftest import sharing_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -222,9 +224,9 @@ def gpu_probe() -> dict:
 
 
 def test_a_gpu_task_the_head_cannot_run_is_offloaded_to_the_gpu_lender_under_its_mode(grid):
-    from grid_flows import guard
+    from grid_flows.adapters.ray import throttle
 
-    guard.kill_throttle("gpu1")  # count this test's GPU starts from zero
+    throttle.kill_throttle("gpu1")  # count this test's GPU starts from zero
     try:
 
         @flow(task_runner=BoostRayTaskRunner())
@@ -236,6 +238,6 @@ def test_a_gpu_task_the_head_cannot_run_is_offloaded_to_the_gpu_lender_under_its
         assert _names()[row["node_id"]] == "gpu1" and row["group"] == ""
         assert len(row["gpus"]) == 1  # Ray gave the task gpu1's (logical) GPU
         assert row["nice"] >= 10  # gpu1 is conservative: the runner's task wrapper lowered it
-        assert guard.throttle_starts("gpu1") == 1  # and the GPU start went through gpu1's throttle
+        assert throttle.throttle_starts("gpu1") == 1  # and the GPU start went through gpu1's throttle
     finally:
-        guard.kill_throttle("gpu1")
+        throttle.kill_throttle("gpu1")

@@ -13,7 +13,7 @@ import sys
 
 def main(rounds: int, out_path: str) -> int:
     from grid_flows import release_boost, request_boost
-    from grid_flows.models import NoCapacity
+    from grid_flows.errors import NoCapacity
 
     with open(out_path, "a", buffering=1) as out:
         for round_ in range(rounds):

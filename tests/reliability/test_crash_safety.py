@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from grid_flows import ray_cluster as rc
-from grid_flows.boosts import reconcile
-from grid_flows.models import BoostState, Resources
-from grid_flows.store import BoostStore
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.control.boosts import reconcile
+from grid_flows.core.models import BoostState, Resources
+from grid_flows.adapters.prefect.store import BoostStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -29,7 +29,7 @@ _FORK_SERVER = textwrap.dedent(
     """
     import os, random, signal, sys, threading, time
     from grid_flows import NoCapacity, release_boost, request_boost
-    from grid_flows import ray_cluster as rc
+    from grid_flows.adapters.ray import cluster as rc
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed requesters are reaped by the kernel
     server = os.getpid()
 
@@ -117,7 +117,7 @@ _WORKER = textwrap.dedent(
     """
     import json, random, sys
     from grid_flows import NoCapacity, InvalidRequest, release_boost, request_boost
-    from grid_flows.boosts import extend
+    from grid_flows.control.boosts import extend
     rng = random.Random(int(sys.argv[1]))
     held, log = [], []
     for _ in range(int(sys.argv[2])):

@@ -17,13 +17,14 @@ import ray
 from prefect import flow, task
 
 from grid_flows import BoostRayTaskRunner, NoCapacity, boosted, list_boosts, release_boost, request_boost
-from grid_flows import boosts as boosts_module
-from grid_flows import ray_cluster as rc
-from grid_flows.blocks import GridBoostHistory
-from grid_flows.boosts import reconcile
-from grid_flows.ledger import Event, check_invariants, new_boost, transition
-from grid_flows.models import BoostState, Priority, Resources, UnknownBoost, utcnow
-from grid_flows.store import BoostStore
+from grid_flows.control import boosts as boosts_module
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.adapters.prefect.blocks import GridBoostHistory
+from grid_flows.control.boosts import reconcile
+from grid_flows.core.ledger import Event, check_invariants, new_boost, transition
+from grid_flows.core.models import BoostState, Priority, Resources, utcnow
+from grid_flows.errors import UnknownBoost
+from grid_flows.adapters.prefect.store import BoostStore
 from tests.conftest import changed_cluster, sharing_settings
 from tests.grid_cli import grid_cli
 
@@ -204,7 +205,8 @@ def test_a_grant_that_fails_half_way_leaves_no_record_and_no_group(grid, monkeyp
 
 
 def test_a_request_that_cannot_get_the_ledger_lock_leaves_nothing_behind(grid, monkeypatch):
-    from grid_flows.ray_cluster import LedgerBusy, _ledger_lock_actor
+    from grid_flows.adapters.ray.cluster import _ledger_lock_actor
+    from grid_flows.errors import LedgerBusy
 
     monkeypatch.setenv("PREFECT_INTEGRATIONS_GRID_LOCK_TIMEOUT_SECONDS", "0.5")
     lock = _ledger_lock_actor()

@@ -10,9 +10,9 @@ import ray
 from prefect import flow, task
 
 from grid_flows import BoostRayTaskRunner, boosted, list_boosts, request_boost
-from grid_flows import ray_cluster as rc
-from grid_flows.cluster_file import parse_cluster
-from grid_flows.models import BoostState
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.core.cluster_file import parse_cluster
+from grid_flows.core.models import BoostState
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -40,7 +40,7 @@ def step(i: int) -> dict:
 
 
 def test_a_dead_lender_loses_its_boost_and_the_flow_finishes_on_the_target(lossy_cluster):
-    from grid_flows.boosts import reconcile
+    from grid_flows.control.boosts import reconcile
 
     results: dict = {}
 
@@ -109,8 +109,8 @@ def test_a_dead_lender_does_not_hang_tasks_offloaded_onto_its_share(lossy_cluste
 
 def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid):
     """A real `prefect server` on SQLite in tmp_path, stopped and started again under a live boost."""
-    from grid_flows.local_prefect import local_prefect_server
-    from grid_flows.store import BoostStore
+    from grid_flows.dev.local_prefect import local_prefect_server
+    from grid_flows.adapters.prefect.store import BoostStore
 
     home = tmp_path / "prefect"
     with local_prefect_server(home) as api_url:

@@ -1,4 +1,4 @@
-"""Unit tests of grid_flows.cluster_file: what a cluster FILE may hold beyond the ClusterSpec rules."""
+"""Unit tests of grid_flows.core.cluster_file: what a cluster FILE may hold beyond the ClusterSpec rules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grid_flows.cluster_file import MAX_FILE_BYTES, InvalidClusterFile, load_cluster_file
+from grid_flows.core.cluster_file import MAX_FILE_BYTES, load_cluster_file
+from grid_flows.errors import InvalidClusterFile
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "blocks" / "cluster.yaml"
 SHIPPED = CLUSTER_YAML.read_text()
@@ -159,7 +160,7 @@ def test_the_shipped_file_still_loads():
 
 
 def test_the_test_cluster_still_validates():
-    from grid_flows.cluster_file import parse_cluster
+    from grid_flows.core.cluster_file import parse_cluster
     from tests.conftest import TEST_CLUSTER
 
     assert [n.name for n in parse_cluster(TEST_CLUSTER).nodes] == ["gpu-master", "gpu1", "gpu2"]

@@ -1,32 +1,24 @@
-"""The pure parts of guard.py: mode table, VRAM decisions, priority, NVML probe. No Ray."""
+"""The guard without Ray: mode table and VRAM decisions (core.modes), priority and NVML probe
+(adapters.host.guard), throttle arithmetic, and guard_task with an injected throttle."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import psutil
 import pytest
 
-from grid_flows import guard
-from grid_flows.guard import (
-    GpuDevice,
-    GpuProbeError,
-    GpuThrottle,
-    GpuUnavailable,
-    ModeLimits,
-    NvmlProbe,
-    VramCapExceeded,
-    admit_gpu_task,
-    apply_process_priority,
-    apply_vram_cap,
-    check_vram,
-    guard_task,
-    limits_for,
-    limits_for_mode,
-    vram_env,
-)
-from grid_flows.models import GridError, ModeOverrides, NodeSpec, ResourceMode
+from grid_flows.adapters.host import guard
+from grid_flows.adapters.ray import throttle
+from grid_flows.adapters.host.guard import NvmlProbe, admit_gpu_task, apply_process_priority, apply_vram_cap
+from grid_flows.core.modes import GpuDevice, ModeLimits, check_vram, limits_for, limits_for_mode, vram_env
+from grid_flows.adapters.ray.throttle import GpuThrottle, ThrottleSlot
+from grid_flows.runner import worker
+from grid_flows.runner.worker import guard_task
+from grid_flows.core.models import ModeOverrides, NodeSpec, ResourceMode
+from grid_flows.errors import GpuProbeError, GpuUnavailable, GridError, VramCapExceeded
 
 GIB = 1024**3
 MIB = 1024**2
@@ -494,21 +486,21 @@ def test_throttle_reservations_are_spaced_and_counted():
 
 
 def test_throttle_gpu_start_zero_interval_needs_no_ray(monkeypatch):
-    monkeypatch.setattr(guard, "_call_throttle", lambda *a, **k: pytest.fail("must not reach Ray"))
-    assert guard.throttle_gpu_start("gpu1", 0).waited_seconds == 0.0
+    monkeypatch.setattr(throttle, "_call_throttle", lambda *a, **k: pytest.fail("must not reach Ray"))
+    assert throttle.throttle_gpu_start("gpu1", 0).waited_seconds == 0.0
 
 
 def test_throttle_gpu_start_sleeps_until_the_slot(monkeypatch):
     t = FakeTime()
-    monkeypatch.setattr(guard, "_call_throttle", lambda node, key, method, *a, **k: t.now + 0.075)
-    slot = guard.throttle_gpu_start("gpu1", 50, sleep=t.sleep, clock=t.clock)
+    monkeypatch.setattr(throttle, "_call_throttle", lambda node, key, method, *a, **k: t.now + 0.075)
+    slot = throttle.throttle_gpu_start("gpu1", 50, sleep=t.sleep, clock=t.clock)
     assert slot.waited_seconds == pytest.approx(0.075) and t.sleeps == [pytest.approx(0.075)]
     assert t.now >= slot.start  # never returns before the slot
 
 
 def test_guard_task_without_gpu_only_sets_priority(monkeypatch):
     seen = []
-    monkeypatch.setattr(guard, "apply_process_priority", lambda limits: seen.append(limits) or {"nice": 10})
+    monkeypatch.setattr(worker, "apply_process_priority", lambda limits: seen.append(limits) or {"nice": 10})
     report = guard_task(NodeSpec(name="gpu1", mode="conservative"), 0, 0, probe=FakeProbe(gpu(1)))
     assert seen[0].node == "gpu1" and report.nice == 10
     assert report.vram is None and report.throttle_wait_seconds == 0.0
@@ -516,13 +508,13 @@ def test_guard_task_without_gpu_only_sets_priority(monkeypatch):
 
 def test_guard_task_gpu_throttles_then_admits_then_exports(monkeypatch):
     order = []
-    monkeypatch.setattr(guard, "apply_process_priority", lambda limits: order.append("priority") or {})
+    monkeypatch.setattr(worker, "apply_process_priority", lambda limits: order.append("priority") or {})
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", raising=False)
 
     def throttle(node, interval_ms):
         order.append(("throttle", node, interval_ms))
-        return guard.ThrottleSlot(0.0, 0.02)
+        return ThrottleSlot(0.0, 0.02)
 
     probe = FakeProbe(gpu(1, 8))
     report = guard_task(NodeSpec(name="gpu1", mode="default"), 1, GIB, probe=probe, throttle=throttle)
@@ -533,22 +525,22 @@ def test_guard_task_gpu_throttles_then_admits_then_exports(monkeypatch):
 
 
 def test_guard_task_gpu_over_cap_raises(monkeypatch):
-    monkeypatch.setattr(guard, "apply_process_priority", lambda limits: {})
+    monkeypatch.setattr(worker, "apply_process_priority", lambda limits: {})
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(VramCapExceeded, match="node 'gpu1'"):
         guard_task(
-            NodeSpec(name="gpu1", mode="aggressive"), 1, 2 * GIB, probe=FakeProbe(gpu(9)), wait_seconds=0, throttle=lambda n, i: guard.ThrottleSlot(0.0, 0.0)
+            NodeSpec(name="gpu1", mode="aggressive"), 1, 2 * GIB, probe=FakeProbe(gpu(9)), wait_seconds=0, throttle=lambda n, i: ThrottleSlot(0.0, 0.0)
         )
 
 
 def _no_priority_no_throttle(monkeypatch):
-    monkeypatch.setattr(guard, "apply_process_priority", lambda limits: {})
+    monkeypatch.setattr(worker, "apply_process_priority", lambda limits: {})
     # setenv first, so that what guard_task exports is removed again after the test.
     for key in ("CUDA_VISIBLE_DEVICES", guard.NEED_ENV, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "GRID_VRAM_CAP",
                 "GRID_VRAM_LIMIT_BYTES"):
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
-    return lambda n, i: guard.ThrottleSlot(0.0, 0.0)
+    return lambda n, i: ThrottleSlot(0.0, 0.0)
 
 
 def test_guard_task_without_a_stated_need_admits_for_the_modes_default(monkeypatch):
@@ -556,7 +548,7 @@ def test_guard_task_without_a_stated_need_admits_for_the_modes_default(monkeypat
     node = NodeSpec(name="gpu1", mode="conservative")
     report = guard_task(node, 1, None, probe=FakeProbe(gpu(2)), throttle=throttle)
     assert report.vram.ok and report.vram.need_bytes == int(0.25 * 10 * GIB)
-    assert guard.os.environ[guard.NEED_ENV] == str(int(0.25 * 10 * GIB))
+    assert os.environ[guard.NEED_ENV] == str(int(0.25 * 10 * GIB))
     with pytest.raises(VramCapExceeded, match="assumed needed .* over the conservative cap of 50%"):
         guard_task(node, 1, probe=FakeProbe(gpu(4)), wait_seconds=0, throttle=throttle)
 
@@ -565,11 +557,11 @@ def test_guard_task_stated_need_is_checked_and_exported(monkeypatch):
     throttle = _no_priority_no_throttle(monkeypatch)
     node = NodeSpec(name="gpu1", mode="conservative")  # cap 5 GiB of 10 GiB, 4 GiB used
     report = guard_task(node, 1, GIB, probe=FakeProbe(gpu(4)), throttle=throttle)
-    assert report.vram.ok and guard.os.environ[guard.NEED_ENV] == str(GIB)
+    assert report.vram.ok and os.environ[guard.NEED_ENV] == str(GIB)
     with pytest.raises(VramCapExceeded, match=r"4 GiB used \+ 2 GiB needed is over the conservative cap of 50%"):
         guard_task(node, 1, 2 * GIB, probe=FakeProbe(gpu(4)), wait_seconds=0, throttle=throttle)
     zero = guard_task(node, 1, 0, probe=FakeProbe(gpu(9)), throttle=throttle)  # vram=0: not checked
-    assert zero.vram.ok and guard.os.environ[guard.NEED_ENV] == "0"
+    assert zero.vram.ok and os.environ[guard.NEED_ENV] == "0"
 
 
 # --------------------------------------------------------------------------- the probe a worker uses

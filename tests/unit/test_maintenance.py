@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from grid_flows.cluster_file import parse_cluster
-from grid_flows.maintenance import SCHEDULES, maintenance_deployments
+from grid_flows.core.cluster_file import parse_cluster
+from grid_flows.flows.maintenance import SCHEDULES, maintenance_deployments
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,8 +30,8 @@ def test_the_work_pool_file_declares_exactly_the_maintenance_schedules():
 
     import yaml
 
-    from grid_flows.cluster_file import load_cluster_file
-    from grid_flows.maintenance import SCHEDULES
+    from grid_flows.core.cluster_file import load_cluster_file
+    from grid_flows.flows.maintenance import SCHEDULES
 
     root = Path(__file__).resolve().parents[2]
     declared = yaml.safe_load((root / "deployments" / "prefect.yaml").read_text())["deployments"]

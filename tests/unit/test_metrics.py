@@ -7,22 +7,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from grid_flows.metrics import (
-    NO_GPU,
-    MemoryHistoryStore,
-    MetricsCollector,
-    ScriptedSource,
-    StaticSource,
-    check_history_name,
-    describe_trend,
-    history_from_data,
-    history_to_data,
-    node_pressure,
-    probe_host,
-    sample_from_probe,
+from grid_flows.core.metrics import (
+    NO_GPU, MemoryHistoryStore, MetricsCollector, ScriptedSource, StaticSource, check_history_name,
+    describe_trend, history_from_data, history_to_data, node_pressure, sample_from_probe,
 )
-from grid_flows.models import InvalidRequest
-from grid_flows.pressure import MetricsHistory, NodeSample, Trend
+from grid_flows.adapters.host.probe import probe_host
+from grid_flows.errors import InvalidRequest
+from grid_flows.core.pressure import MetricsHistory, NodeSample, Trend
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 NODES = ["gpu-master", "gpu1", "gpu2"]

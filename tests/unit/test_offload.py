@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
-from grid_flows import offload as core
+from grid_flows.adapters.host import offload as core
 from grid_flows.flows.offload import choose, validate_command
-from grid_flows.models import ClusterSpec, InvalidRequest, Resources
-from grid_flows.offload import ProcInfo, classify, command_words, has_word, select_candidates, skip_reason
-from grid_flows.scheduler import PlacementKind
+from grid_flows.core.models import ClusterSpec, Resources
+from grid_flows.errors import InvalidRequest
+from grid_flows.adapters.host.offload import ProcInfo, classify, command_words, has_word, select_candidates, skip_reason
+from grid_flows.core.placement import PlacementKind
 
 NOW = 1_000_000.0
 GIB = 1024**3
@@ -393,7 +394,7 @@ def test_run_command_reports_bad_arguments_instead_of_raising(tmp_path):
 
 
 def test_cli_parses_env_and_secret_env_assignments():
-    from grid_flows.cli_offload import parse_assignments
+    from grid_flows.cli.offload import parse_assignments
 
     assert parse_assignments(["A=1", "B=x=y", "A=2"], "--env") == {"A": "2", "B": "x=y"}
     with pytest.raises(InvalidRequest, match="--secret-env: expected KEY=VALUE, got 'TOKEN'"):
@@ -404,7 +405,7 @@ def test_cli_parses_env_and_secret_env_assignments():
 
 
 def test_env_help_points_to_secret_env():
-    from grid_flows.cli_offload import offload_run
+    from grid_flows.cli.offload import offload_run
     import inspect
 
     env_help = inspect.signature(offload_run).parameters["env"].default.help
@@ -534,8 +535,8 @@ def test_a_double_forked_orphan_is_killed_too_under_a_subreaper(tmp_path):
     )
     harness = (
         "import json, sys\n"
-        "from grid_flows import offload as core\n"
-        "from grid_flows.models import ClusterSpec\n"
+        "from grid_flows.adapters.host import offload as core\n"
+        "from grid_flows.core.models import ClusterSpec\n"
         "n = ClusterSpec.model_validate({'nodes': [{'name': 'n', 'role': 'head', 'mode': 'aggressive',"
         " 'allow_offload_commands': True}]}).head\n"
         "class Q:\n"

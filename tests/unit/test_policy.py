@@ -7,10 +7,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-import grid_flows.policy as policy_module
-from grid_flows.models import Boost, BoostState, ClusterSpec, Priority, Resources
-from grid_flows.policy import Decision, decide
-from grid_flows.pressure import MetricsHistory, NodeSample
+import grid_flows.core.policy as policy_module
+from grid_flows.core.models import Boost, BoostState, ClusterSpec, Priority, Resources
+from grid_flows.core.policy import Decision, decide
+from grid_flows.core.pressure import MetricsHistory, NodeSample
 
 NOW = datetime(2025, 1, 1, 12, tzinfo=timezone.utc)
 STEP = timedelta(seconds=10)  # the spec's default monitoring interval

@@ -1,4 +1,4 @@
-"""Unit tests of grid_flows.preemption: which boosts to preempt, on an injected clock."""
+"""Unit tests of grid_flows.core.preemption: which boosts to preempt, on an injected clock."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-import grid_flows.preemption as preemption_module
-from grid_flows.models import Boost, BoostState, Priority, Resources
-from grid_flows.preemption import PreemptionPlan, plan_preemption, why_not
+import grid_flows.core.preemption as preemption_module
+from grid_flows.core.models import Boost, BoostState, Priority, Resources
+from grid_flows.core.preemption import PreemptionPlan, plan_preemption, why_not
 
 P = Priority
 GIB = 1024**3

@@ -10,8 +10,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-import grid_flows.pressure as pressure_module
-from grid_flows.pressure import (
+import grid_flows.core.pressure as pressure_module
+from grid_flows.core.pressure import (
     MetricsHistory,
     NodeSample,
     PressureScores,

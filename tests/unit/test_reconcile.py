@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import pytest
 
-import grid_flows.reconcile as reconcile_module
-from grid_flows.ledger import Event
-from grid_flows.models import BoostState
-from grid_flows.reconcile import Action, ActionKind, Snapshot, plan
+import grid_flows.core.reconcile as reconcile_module
+from grid_flows.core.ledger import Event
+from grid_flows.core.models import BoostState
+from grid_flows.core.reconcile import Action, ActionKind, Snapshot, plan
 from tests.factories import T0, T1, in_state
 
 S = BoostState

@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from grid_flows.boosts import _check_pending_timeout, parse_request_resources
-from grid_flows.ledger import new_boost
-from grid_flows.models import InvalidRequest, Priority, Resources, UnknownBoost, utcnow
-from grid_flows.store import BoostStore
+from grid_flows.control.boosts import _check_pending_timeout, parse_request_resources
+from grid_flows.core.ledger import new_boost
+from grid_flows.core.models import Priority, Resources, utcnow
+from grid_flows.errors import InvalidRequest, UnknownBoost
+from grid_flows.adapters.prefect.store import BoostStore
 
 REFUSED = [
     (dict(cpu=10**400), "cpu must be finite"),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from grid_flows.models import InvalidRequest, Priority, Resources
-from grid_flows.requirements import DEFAULT_NEED, Need, current_need, from_tags, requires, with_default
+from grid_flows.core.models import Priority, Resources
+from grid_flows.errors import InvalidRequest
+from grid_flows.runner.requirements import DEFAULT_NEED, Need, current_need, from_tags, requires, with_default
 
 GIB = 1024**3
 MIB = 1024**2

@@ -1,4 +1,4 @@
-"""Unit tests of grid_flows.scheduler: pure placement, no Ray, no Prefect."""
+"""Unit tests of grid_flows.core.placement: pure placement, no Ray, no Prefect."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from grid_flows import scheduler
-from grid_flows.models import Resources
-from grid_flows.scheduler import (
+from grid_flows.core import placement as scheduler
+from grid_flows.core.models import Resources
+from grid_flows.core.placement import (
     BoostView,
     ClusterView,
     NodeView,

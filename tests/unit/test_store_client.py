@@ -7,7 +7,7 @@ import ssl
 import pytest
 from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_URL, temporary_settings
 
-from grid_flows.store import api_client
+from grid_flows.adapters.prefect.store import api_client
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,7 @@ import pytest
 from prefect.context import SettingsContext
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-from grid_flows import task_context
+from grid_flows.adapters.prefect import task_context
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from grid_flows.models import LEND_CPU, NODE_LABEL, Resources
-from grid_flows.ray_cluster import task_options
-from grid_flows.scheduler import PlacementKind
+from grid_flows.core.models import LEND_CPU, Resources
+from grid_flows.adapters.ray.cluster import NODE_LABEL
+from grid_flows.adapters.ray.cluster import task_options
+from grid_flows.core.placement import PlacementKind
 
 NEED = Resources(cpu=1, memory=512 * 1024**2)
 
@@ -27,7 +28,7 @@ def test_boosted_tasks_go_into_the_group_and_are_not_retried_by_ray():
     from ray.util.placement_group import PlacementGroup
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from grid_flows.ray_cluster import group_handle
+    from grid_flows.adapters.ray.cluster import group_handle
 
     group = group_handle("ab" * 18)
     options = task_options(PlacementKind.boost, NEED, "gpu1", group=group)
@@ -43,7 +44,7 @@ def test_unlabelled_clusters_get_no_selector(kind):
 
 
 def test_a_users_runtime_env_keeps_the_runners_api_url():
-    from grid_flows.runner import _with_worker_env
+    from grid_flows.runner.task_runner import _with_worker_env
 
     ours = {"runtime_env": {"env_vars": {"PREFECT_API_URL": "http://head:4200/api"}}}
     theirs = {"num_cpus": 1, "runtime_env": {"pip": ["x"], "env_vars": {"MY": "1"}}}

@@ -1,4 +1,4 @@
-"""Unit tests of grid_flows.units: parsing and formatting of the quantities users type."""
+"""Unit tests of grid_flows.core.units: parsing and formatting of the quantities users type."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-import grid_flows.units as units_module
-from grid_flows.units import (
+import grid_flows.core.units as units_module
+from grid_flows.core.units import (
     check_amount,
     format_amount,
     format_bytes,

@@ -1,0 +1,49 @@
+"""Read the host this runs on: CPU, memory, swap, load (psutil) and GPU (NVML), as plain data.
+
+Example:
+    ```python
+    from grid_flows.adapters.host.probe import probe_host
+
+    probe_host()["cpu_percent"]
+    ```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grid_flows.core.metrics import NO_GPU
+
+
+def probe_host(cpu_interval_seconds: float = 0.2) -> dict[str, Any]:
+    """CPU/memory/swap %, load and GPU of the host this runs on, as plain data (runs on a Ray worker)."""
+    import os
+
+    import psutil
+
+    from grid_flows.adapters.host.guard import NvmlProbe
+
+    data: dict[str, Any] = {
+        "cpu_percent": float(psutil.cpu_percent(interval=cpu_interval_seconds)),
+        "memory_percent": float(psutil.virtual_memory().percent),
+        "swap_percent": float(psutil.swap_memory().percent),
+        "load_1m": float(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0.0,
+        "gpu_util_percent": None,
+        "gpu_memory_percent": None,
+        "gpu": NO_GPU,
+    }
+    nvml = NvmlProbe()
+    try:
+        devices = nvml.devices()
+    except Exception as exc:  # a broken driver is a status, not a failed probe
+        devices = []
+        data["gpu"] = f"{NO_GPU} ({exc})"
+    if devices:
+        total = sum(d.total_bytes for d in devices)
+        utils = [d.utilization_percent for d in devices if d.utilization_percent is not None]
+        data["gpu_memory_percent"] = min(100.0, 100.0 * sum(d.used_bytes for d in devices) / total) if total else None
+        data["gpu_util_percent"] = min(100.0, sum(utils) / len(utils)) if utils else None
+        data["gpu"] = nvml.status
+    elif data["gpu"] == NO_GPU and nvml.status and nvml.status != "not probed yet":
+        data["gpu"] = f"{NO_GPU} ({nvml.status})"
+    return data

@@ -1,0 +1,72 @@
+"""The built-in maintenance flows with their schedules, for `serve()` or `grid maintenance serve`.
+
+Each deployment runs at most one at a time; a run that comes due while the previous
+one still runs is cancelled (``CANCEL_NEW``). ``deployments/prefect.yaml`` declares the
+same flows and schedules for a work pool; ``SCHEDULES`` is the source, and a test holds
+the file (and the rebalance interval of ``blocks/cluster.yaml``) equal to it.
+
+Example:
+    ```python
+    from prefect import serve
+    from grid_flows import maintenance_deployments
+
+    serve(*maintenance_deployments())          # or: grid maintenance serve
+    ```
+"""
+
+from __future__ import annotations
+
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+from grid_flows.flows.lifecycle import expire_boosts, reconcile_boosts
+from grid_flows.flows.rebalance import cluster_status_snapshot, rebalance
+from grid_flows.core.models import ClusterSpec
+
+# name -> (flow, interval seconds).
+SCHEDULES = {
+    "grid-expire": (expire_boosts, 30),
+    "grid-reconcile": (reconcile_boosts, 300),
+    "grid-rebalance": (rebalance, 30),
+    "grid-cluster-status": (cluster_status_snapshot, 60),
+}
+
+
+def maintenance_deployments(interval_scale: float = 1.0, spec: ClusterSpec | None = None) -> list:
+    """RunnerDeployments of the maintenance flows; ``interval_scale`` shortens intervals for tests.
+
+    ``grid-rebalance`` runs every ``resource_sharing.rebalance_interval_seconds`` of ``spec``
+    (default: the saved cluster block, when there is one); the others on ``SCHEDULES``.
+    """
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    intervals = {name: seconds for name, (_, seconds) in SCHEDULES.items()}
+    spec = spec if spec is not None else _saved_cluster()
+    if spec is not None:
+        intervals["grid-rebalance"] = spec.resource_sharing.rebalance_interval_seconds
+    return [
+        flow.to_deployment(
+            name=name,
+            interval=max(1.0, intervals[name] * interval_scale),
+            concurrency_limit=one_at_a_time,
+            tags=["grid-flows", "maintenance"],
+            description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
+        )
+        for name, (flow, _) in SCHEDULES.items()
+    ]
+
+
+def _saved_cluster() -> ClusterSpec | None:
+    from grid_flows.adapters.prefect.store import BoostStore
+    from grid_flows.errors import ClusterNotConfigured
+
+    try:
+        with BoostStore() as store:
+            return store.load_cluster()
+    except ClusterNotConfigured:
+        return None
+
+
+def serve_maintenance(interval_scale: float = 1.0) -> None:
+    """Serve every maintenance flow in this process until interrupted."""
+    from prefect import serve
+
+    serve(*maintenance_deployments(interval_scale), print_starting_message=True)

@@ -1,0 +1,88 @@
+"""What runs in the Ray worker when a task starts there: the node's guard, then the task.
+
+Example:
+    ```python
+    from grid_flows.runner.worker import guard_task
+
+    report = guard_task(node_spec, need_gpu=1, need_memory_bytes_gpu=8 * 1024**3)
+    print(report.describe())
+    ```
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from grid_flows.adapters.host.guard import (
+    NEED_ENV, admit_gpu_task, apply_process_priority, apply_vram_cap, default_probe, visible_device_indices,
+)
+from grid_flows.adapters.ray.throttle import ThrottleSlot, throttle_gpu_start
+from grid_flows.core.modes import GpuProbe, ModeLimits, VramDecision, limits_for
+from grid_flows.core.models import NodeSpec
+
+
+@dataclass
+class GuardReport:
+    node: str
+    limits: ModeLimits
+    priority: dict[str, Any] = field(default_factory=dict)
+    vram: Optional[VramDecision] = None
+    vram_cap: dict[str, Any] = field(default_factory=dict)
+    throttle_wait_seconds: float = 0.0
+
+    @property
+    def nice(self) -> Optional[int]:
+        return self.priority.get("nice")
+
+    @property
+    def ionice(self) -> Optional[str]:
+        return self.priority.get("ionice")
+
+    def describe(self) -> str:
+        parts = [self.limits.describe()]
+        if self.nice is not None or self.ionice is not None:
+            parts.append(f"applied nice={self.nice} ionice={self.ionice}")
+        if self.vram is not None:
+            parts.append(self.vram.reason)
+        if self.throttle_wait_seconds:
+            parts.append(f"waited {self.throttle_wait_seconds * 1000:.0f} ms for a GPU slot")
+        return "; ".join(parts)
+
+
+def guard_task(
+    node: NodeSpec,
+    need_gpu: float,
+    need_memory_bytes_gpu: int | None = None,
+    probe: GpuProbe | None = None,
+    *,
+    wait_seconds: float = 30.0,
+    throttle: Callable[[str, float], ThrottleSlot] | None = None,
+) -> GuardReport:
+    """Apply ``node``'s mode to the task starting in this process.
+
+    Always lowers this process's priority as the mode says. A GPU task (``need_gpu >
+    0``) then waits for its throttle slot, is admitted only when its VRAM fits under the
+    cap (else :class:`VramCapExceeded` / :class:`GpuUnavailable`), and gets the cap
+    exported. The slot comes first so that each admission sees the memory the task
+    before it has taken, rather than many tasks passing the check together.
+
+    ``need_memory_bytes_gpu`` is the task's stated VRAM need (the runner passes
+    ``requires(vram=...)`` / ``grid:vram=``); None means none was stated and the mode's
+    default share of the device is assumed. The need admitted for is exported as
+    ``GRID_VRAM_NEED_BYTES``. ``probe`` defaults to :func:`default_probe`.
+    """
+    limits = limits_for(node)
+    report = GuardReport(node=node.name, limits=limits)
+    report.priority = apply_process_priority(limits)
+    if need_gpu <= 0:
+        return report
+    probe = probe if probe is not None else default_probe()
+    report.throttle_wait_seconds = (throttle or throttle_gpu_start)(node.name, limits.gpu_interval_ms).waited_seconds
+    visible = visible_device_indices()
+    device_index = visible[0] if visible else 0
+    report.vram = admit_gpu_task(limits, need_memory_bytes_gpu, probe, wait_seconds=wait_seconds, device_index=device_index)
+    os.environ[NEED_ENV] = str(report.vram.need_bytes)
+    report.vram_cap = apply_vram_cap(limits, probe)
+    return report
