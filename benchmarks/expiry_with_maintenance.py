@@ -22,6 +22,7 @@ from benchmarks.common import quiet_environment
 def main() -> int:
     quiet_environment()
     from grid_flows.adapters.ray import cluster as rc
+    from grid_flows.adapters.ray import local_cluster
     from grid_flows.api import list_boosts, request_boost
     from grid_flows.core.cluster_file import parse_cluster
     from grid_flows.dev.local_prefect import local_prefect_server, stop_process_group
@@ -29,7 +30,7 @@ def main() -> int:
     from tests.conftest import TEST_CLUSTER
 
     spec = parse_cluster(TEST_CLUSTER)
-    with local_prefect_server(tempfile.mkdtemp(prefix="grid-expiry-")), rc.LocalCluster(spec) as cluster:
+    with local_prefect_server(tempfile.mkdtemp(prefix="grid-expiry-")), local_cluster.LocalCluster(spec) as cluster:
         with BoostStore() as store:
             store.save_cluster(spec)
         serve = subprocess.Popen(

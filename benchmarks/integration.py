@@ -35,7 +35,7 @@ def grid() -> Iterator[tuple[object, str]]:
     os.environ["PREFECT_HOME"] = home
     from grid_flows.core.cluster_file import parse_cluster
     from grid_flows.dev.local_prefect import local_prefect_server
-    from grid_flows.adapters.ray.cluster import LocalCluster
+    from grid_flows.adapters.ray.local_cluster import LocalCluster
     from grid_flows.adapters.prefect.store import BoostStore
 
     try:

@@ -5,7 +5,7 @@ the worker's task body, Prefect's way (prefect-ray) and grid-flows' way (task_co
 
 Runs against a local Prefect server with the test cluster's blocks, in one process: the
 "worker" part calls the same functions a Ray worker calls (``RayTaskRunner._run_prefect_task``
-or ``runner._run_guarded_task``) from a plain thread, as a worker does, so cProfile sees
+or ``runner.worker._run_guarded_task``) from a plain thread, as a worker does, so cProfile sees
 them. Prints milliseconds per task and, with ``--cprofile``, the top functions of each.
 This is how the runner's hot path was found (BENCHMARKS.md, "Runner overhead").
 """
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     from prefect_ray import RayTaskRunner
 
     from benchmarks import integration as I
-    from grid_flows.runner.task_runner import _run_guarded_task
+    from grid_flows.runner.worker import _run_guarded_task
     from grid_flows.adapters.prefect.task_context import serialize_task_context
 
     @task

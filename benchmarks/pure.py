@@ -78,7 +78,8 @@ def _dispatch_updates(view, need) -> list:
 def _indexed_per_call_seconds(req, view, boosts, strategy, calls: int) -> list[float]:
     """Like _per_call_seconds, with an OffloadIndex built once (not timed) and one index.update()
     per decision inside the timed loop."""
-    from grid_flows.core.placement import OffloadIndex, place
+    from grid_flows.core.placement import place
+    from grid_flows.core.offload_index import OffloadIndex
 
     index = OffloadIndex.from_view(view)
     assert place(req, view, boosts, strategy, index=index) == place(req, view, boosts, strategy)

@@ -27,7 +27,7 @@ _EXPORTS = {
     "request_boost": "grid_flows.api",
     "requires": "grid_flows.runner.requirements",
     "load_cluster_file": "grid_flows.core.cluster_file",
-    "local_cluster": "grid_flows.adapters.ray.cluster",
+    "local_cluster": "grid_flows.adapters.ray.local_cluster",
     "Boost": "grid_flows.core.models",
     "BoostState": "grid_flows.core.models",
     "BoostsDisabled": "grid_flows.errors",
@@ -59,6 +59,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
     from grid_flows.core.cluster_file import load_cluster_file
     from grid_flows.core.models import Boost, BoostState, ClusterSpec, Priority, Resources
     from grid_flows.errors import BoostsDisabled, GridError, InvalidRequest, NoCapacity
-    from grid_flows.adapters.ray.cluster import local_cluster
+    from grid_flows.adapters.ray.local_cluster import local_cluster
     from grid_flows.runner.requirements import requires
     from grid_flows.runner.task_runner import BoostRayTaskRunner

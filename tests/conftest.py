@@ -84,7 +84,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def grid_session(prefect_server):
     from grid_flows.core.cluster_file import parse_cluster
-    from grid_flows.adapters.ray.cluster import local_cluster
+    from grid_flows.adapters.ray.local_cluster import local_cluster
     from grid_flows.adapters.prefect.store import BoostStore
 
     spec = parse_cluster(TEST_CLUSTER)

@@ -139,7 +139,8 @@ def scan(node: Optional[str], **limits: Any) -> tuple[list[dict], list[dict]]:
 
     import ray
 
-    from grid_flows.adapters.host import offload as core
+    from grid_flows.adapters.host import processes
+    from grid_flows.core import offload_rules
     from grid_flows.adapters.ray import cluster as rc
     from grid_flows.core.placement import PlacementKind, Requirement, place
     from grid_flows.adapters.prefect.store import BoostStore
@@ -153,9 +154,9 @@ def scan(node: Optional[str], **limits: Any) -> tuple[list[dict], list[dict]]:
     nodes = rc.grid_nodes()
     if name not in nodes or not nodes[name].alive:
         raise InvalidRequest(f"node '{name}' is not up in the Ray cluster")
-    task = ray.remote(num_cpus=0, max_retries=0)(core.scan_processes)
+    task = ray.remote(num_cpus=0, max_retries=0)(processes.scan_processes)
     candidates, skipped = ray.get(task.options(label_selector={NODE_LABEL: name}).remote(**limits), timeout=120)
-    view = core.cluster_view(spec, nodes, name, exclude_target=True)
+    view = offload_rules.cluster_view(spec, nodes, name, exclude_target=True)
     rows = []
     for c in candidates:
         p = placement = place(Requirement(c.resources), view, [], "local_first")
@@ -166,7 +167,7 @@ def scan(node: Optional[str], **limits: Any) -> tuple[list[dict], list[dict]]:
             "rss": c.proc.rss, "rss_human": format_bytes(c.proc.rss), "age_seconds": round(c.age_seconds),
             "needs": c.resources.describe(), "best_node": p.node if movable else None,
             "confidence": round(p.confidence, 2), "reason": p.reason,
-            "offload_command": core.offload_command(c.proc.cmdline, p.node, c.resources, c.proc.cwd)
+            "offload_command": offload_rules.offload_command(c.proc.cmdline, p.node, c.resources, c.proc.cwd)
             if movable else None,
         })
     skipped_rows = [{"pid": s.proc.pid, "name": s.proc.name, "why": s.why} for s in skipped]

@@ -1,5 +1,9 @@
 """Boost operations: the one code path behind the Python API, the CLI and the flows.
 
+Why one module of ~700 lines: request, activate, end and preempt share the ledger lock and
+the crash-safe ordering of docs/architecture.md section 4; kept together, that ordering can
+be read (and reviewed) in one place. The decisions themselves are in ``grid_flows.core``.
+
 Each operation validates everything before it touches anything, so a rejected request
 leaves no record and no placement group behind. Ray arbitrates capacity (a placement
 group with lend tokens is placed atomically or not at all); Prefect keeps the record.

@@ -1,5 +1,9 @@
 """Plain data of grid-flows: resources, the cluster definition and boosts.
 
+Why one module of ~550 lines: these are the shapes every layer speaks (resources, the
+cluster definition and its validation, boosts); their validators cross-reference each
+other, so splitting them would only add imports between small files.
+
 No Ray and no Prefect here: every other module speaks these types.
 
 Example:
@@ -216,7 +220,7 @@ class SharingPolicy(str, Enum):
 
 
 class ModeOverrides(Strict):
-    """Per-node changes to the numbers of a resource mode (see guard.py)."""
+    """Per-node changes to the numbers of a resource mode (see grid_flows.core.modes)."""
 
     vram_cap: Optional[float] = Field(
         None, gt=0, le=1, allow_inf_nan=False, description="fraction of GPU memory a task may use"

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from grid_flows.core.cluster_file import load_cluster_file
     from grid_flows.dev.local_prefect import local_prefect_server
-    from grid_flows.adapters.ray.cluster import local_cluster
+    from grid_flows.adapters.ray.local_cluster import local_cluster
 
     spec = load_cluster_file(args.cluster_file)
     started = time.monotonic()

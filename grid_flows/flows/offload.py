@@ -1,5 +1,9 @@
 """The ``grid-offload`` flow: run a command on the node that has room for it.
 
+Why ~500 lines: the flow, its strict parameter checks and the Ray tasks it runs on the
+chosen node (run, cancel, report) are one unit that a reader follows top to bottom; the
+rules are in ``grid_flows.core`` and the process handling in ``grid_flows.adapters.host``.
+
 Only nodes whose ``allow_offload_commands`` is true (off by default) may run commands;
 when a node's ``offload_commands`` is not empty, argv[0] must be one of them (a bare
 name matches the program's base name, a path what argv[0] resolves to on the node).
@@ -40,6 +44,7 @@ command's output is the product of this flow, not chatter.
 Example:
     ```python
     from grid_flows.flows.offload import offload
+    from grid_flows.adapters.host import processes
     offload(command=["python", "train.py", "--epochs", "3"], cpu=2, cwd="/srv/project")
     ```
 """
@@ -81,23 +86,23 @@ def _output_logger():
 def _remote_functions():
     import ray
 
-    from grid_flows.adapters.host import offload as core
+    from grid_flows.adapters.host import processes
 
     @ray.remote(max_retries=0, max_calls=1)  # max_calls=1: the worker whose priority we lowered exits after
     def _offload_task(argv, cwd, env, node_spec, queue, timeout_seconds, grace_seconds):
         if cwd is None:
             cwd = os.path.expanduser("~")
         try:
-            full_env = core.child_env(env, node=node_spec.name)
+            full_env = processes.child_env(env, node=node_spec.name)
         except InvalidRequest as exc:
-            return core.RunResult(exit_code=None, error=str(exc))
+            return processes.RunResult(exit_code=None, error=str(exc))
         # The worker is a subreaper (it exits after this task): orphans of the command stay in its tree.
-        return core.run_command(argv, cwd, full_env, node_spec, queue, timeout_seconds, grace_seconds,
+        return processes.run_command(argv, cwd, full_env, node_spec, queue, timeout_seconds, grace_seconds,
                                 subreaper=True)
 
     @ray.remote(num_cpus=0, max_retries=0)
     def _kill_task(pid, grace_seconds, create_time):
-        return core.kill_tree(pid, grace_seconds, create_time)
+        return processes.kill_tree(pid, grace_seconds, create_time)
 
     return _offload_task, _kill_task
 
@@ -105,7 +110,7 @@ def _remote_functions():
 def allowed_nodes(spec, argv: List[str], node: Optional[str] = None) -> List[str]:
     """The nodes that may run ``argv`` (pure). InvalidRequest in one line when the named
     ``node`` refuses it, or when every node does."""
-    from grid_flows.adapters.host.offload import command_refusal, no_node_allows
+    from grid_flows.core.offload_rules import command_refusal, no_node_allows
 
     refusals = {n.name: command_refusal(n, argv) for n in spec.nodes}
     if node is not None:
@@ -125,7 +130,7 @@ def choose(spec, nodes, resources: Resources, node: Optional[str], strategy: str
     import re
     from dataclasses import replace
 
-    from grid_flows.adapters.host.offload import cluster_view
+    from grid_flows.core.offload_rules import cluster_view
     from grid_flows.core.placement import Requirement, Strategy, place
 
     target = spec.head.name
@@ -151,7 +156,7 @@ def check_request(command: Any, env: Any = None, secret_env: Any = None, *, cpu:
     """The run's input checked without Ray or a server (pure): ``(argv, env, secret_env,
     resources)`` or InvalidRequest in one line. Messages never hold an env value."""
     from grid_flows.control.boosts import parse_priority
-    from grid_flows.adapters.host.offload import validate_env
+    from grid_flows.core.offload_rules import validate_env
 
     argv = validate_command(command)
     plain = validate_env(env, "env")
@@ -179,7 +184,7 @@ def resolve_secrets(secret_env: Dict[str, str]) -> Dict[str, str]:
     InvalidRequest in one line for a block that does not exist or holds no string; the
     values are never logged and never part of a message.
     """
-    from grid_flows.adapters.host.offload import validate_env
+    from grid_flows.core.offload_rules import validate_env
 
     if not secret_env:
         return {}
@@ -263,7 +268,7 @@ def offload(
     """
     from grid_flows.control import boosts
     from grid_flows.adapters.ray import cluster as rc
-    from grid_flows.adapters.host.offload import command_refusal
+    from grid_flows.core.offload_rules import command_refusal
     from grid_flows.core.placement import PlacementKind
     from grid_flows.adapters.prefect.store import BoostStore
 
@@ -504,7 +509,7 @@ def _cancelling(run_id: str) -> bool:
 def validate_command(command: Any) -> List[str]:
     """The command as a list of strings ``exec`` can take: a single string is refused (it
     would need a shell), and so are empty lists, non-strings and NUL bytes."""
-    from grid_flows.adapters.host.offload import validate_argv
+    from grid_flows.core.offload_rules import validate_argv
 
     return validate_argv(command)
 

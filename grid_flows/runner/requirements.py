@@ -14,7 +14,7 @@ Example:
     ```
 
 ``vram`` is not a Ray resource: the scheduler places on CPU/GPU/memory, and the node's
-guard (guard.py) admits the task on the worker only when its VRAM fits under the node's
+guard (runner/worker.py, core/modes.py) admits the task on the worker only when its VRAM fits under the node's
 cap. It is a GPU task's need only: a task that needs no GPU may not state it. A GPU task
 that states none is assumed to need its node's mode default (see guard.MODE_TABLE).
 """

@@ -37,175 +37,65 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import heapq
-import json
 import itertools
 import logging
-import operator
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 from uuid import UUID, uuid4
 
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
-from prefect.states import State, exception_to_crashed_state, exception_to_failed_state
+from prefect.states import exception_to_failed_state
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.task_runners import TaskRunner
-from prefect.utilities.collections import visit_collection
 from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
 
-from grid_flows.adapters.ray import cluster as rc
-from grid_flows.core.models import Boost, BoostState, Priority, Resources, SharingMode, utcnow
-from grid_flows.runner.requirements import Need, current_need
-from grid_flows.core.placement import (
-    BoostView,
-    ClusterView,
-    NodeView,
-    OffloadIndex,
-    Placement,
-    PlacementKind,
-    Requirement,
-    Strategy,
-    place,
-)
 from grid_flows.adapters.prefect.settings import RAY_NAMESPACE, prefect_env_for_workers, ray_address
-from grid_flows.adapters.prefect.task_context import serialize_task_context, worker_context
+from grid_flows.adapters.prefect.task_context import serialize_task_context
+from grid_flows.adapters.ray import cluster as rc
+from grid_flows.core.dispatch import (
+    UNLIMITED, BoostUse, Cancel, Dispatch, Dispatcher, Fail, Finish, Rerun, Say, Task,
+)
+from grid_flows.core.models import Boost, BoostState, Priority, Resources, SharingMode, utcnow
+from grid_flows.core.placement import PlacementKind, Requirement, Strategy
+from grid_flows.runner.future import GridFuture, _futures_in, is_cancelled, is_lost_with_node
+from grid_flows.runner.requirements import Need, current_need
+from grid_flows.runner.worker import _run_guarded_task
 
 logger = logging.getLogger("grid_flows.runner.task_runner")
 _REFRESH_SECONDS = 1.0
-_SORT_KEY = operator.attrgetter("sort_key")  # plain tuples: sorting compares in C
 _EXAMPLE_REASONS = 5
 _REMOTE_ONLY_OPTIONS = frozenset({"max_calls"})  # ray.remote() takes them; .options() raises
 _PREEMPTION_NOTICE = "it is being preempted by boost"  # why_unusable while a preemption is under way
 
 
-class GridFuture(PrefectRayFuture):
-    """A future for a task that may still wait in the runner's queue (no Ray object yet)."""
-
-    def __init__(self, task_run_id: UUID):
-        super().__init__(task_run_id=task_run_id, wrapped_future=None)
-        self._dispatched = threading.Event()
-        self._early_callbacks: list[Callable] = []
-        self._callback_lock = threading.Lock()
-        self._finished = threading.Event()
-        self.placement: Optional[Placement] = None
-        self.dispatched_at: Optional[float] = None  # wall-clock time of the latest dispatch
-
-    def _set_ref(self, ref: Any, placement: Placement) -> None:
-        self.placement = placement
-        self.dispatched_at = time.time()
-        with self._callback_lock:
-            self._wrapped_future = ref
-            self._dispatched.set()
-            callbacks, self._early_callbacks = self._early_callbacks, []
-        for fn in callbacks:
-            super().add_done_callback(fn)
-
-    @property
-    def dispatched(self) -> bool:
-        return self._dispatched.is_set()
-
-    @property
-    def finished(self) -> bool:
-        """True once the runner saw the task's last attempt end (it will not be re-run)."""
-        return self._finished.is_set()
-
-    def _retried(self, ref: Any, deadline: float | None) -> bool:
-        """After ``ref`` failed: wait for the runner to re-run the task elsewhere (True) or give up."""
-        while not self._finished.is_set() and self._wrapped_future is ref:
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            self._finished.wait(0.05)
-        return self._wrapped_future is not ref
-
-    def wait(self, timeout: float | None = None) -> None:
-        import ray
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if not self._dispatched.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                return
-            ref = self._wrapped_future
-            try:
-                result = ray.get(ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except ray.exceptions.GetTimeoutError:
-                return
-            except Exception as exc:
-                if (is_lost_with_node(exc) or _is_cancelled(exc)) and self._retried(ref, deadline):
-                    continue
-                result = run_coro_as_sync(exception_to_crashed_state(exc))
-            if isinstance(result, State):
-                self._final_state = result
-            return
-
-    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if not self._dispatched.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"Task run {self.task_run_id} is still queued after {timeout} seconds")
-            ref = self._wrapped_future
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                return super().result(timeout=remaining, raise_on_failure=raise_on_failure)
-            except Exception as exc:
-                if (is_lost_with_node(exc) or _is_cancelled(exc)) and self._retried(ref, deadline):
-                    self._final_state = None
-                    continue
-                raise
-
-    def add_done_callback(self, fn: Callable) -> None:
-        with self._callback_lock:
-            if not self._dispatched.is_set():
-                self._early_callbacks.append(fn)
-                return
-        super().add_done_callback(fn)
-
-    def __reduce__(self):
-        # Only dispatched futures cross into Ray workers (a task waits for its upstream's
-        # dispatch), and there a plain PrefectRayFuture is all that is needed.
-        return (PrefectRayFuture, (self.task_run_id, self.wrapped_future))
-
-
 @dataclass
 class _Binding:
-    """A boost this runner routes tasks into."""
+    """A boost this runner routes tasks into: its record and its group's handle. What its
+    tasks hold of it, and whether it takes new ones, is the dispatcher's (core.dispatch.BoostUse)."""
 
     boost: Boost
     handle: Any
-    in_flight: Resources = field(default_factory=Resources)
-    count: int = 0
-    usable: bool = True
-    why_unusable: str = ""
     ended_here: bool = False  # this runner already ended the boost (expiry)
     shared: bool = False  # granted to the target node by the rebalancer, adopted by this runner
 
 
-@dataclass(order=True)
-class _Queued:
-    sort_key: tuple
-    future: GridFuture = field(compare=False)
-    submit: Callable[[dict, UUID, dict], Any] = field(compare=False)
-    need: Need = field(compare=False)
-    requirement: Requirement = field(compare=False)
-    upstream: list = field(compare=False)
-    task_name: str = field(compare=False)
-    context: dict = field(compare=False)
-    attempts: int = field(default=0, compare=False)
-
-
 @dataclass
-class _InFlight:
-    item: _Queued
-    kind: PlacementKind
-    node: str
-    boost_id: Optional[str]
-    resources: Resources
+class _Queued:
+    """What the runner needs to submit a task the dispatcher placed."""
+
+    future: GridFuture
+    submit: Callable[[dict, UUID, dict, Any], Any]
+    need: Need
+    context: dict
+    name: str
+    ref: Any = None
 
 
 class BoostRayTaskRunner(RayTaskRunner):
@@ -248,16 +138,11 @@ class BoostRayTaskRunner(RayTaskRunner):
 
     def _reset_runtime_state(self) -> None:
         self._cond = threading.Condition(threading.RLock())
-        self._queue: list[_Queued] = []
         self._seq = itertools.count()
+        self._state: Optional[Dispatcher] = None  # the dispatch decisions (core.dispatch); set on __enter__
+        self._items: dict[int, _Queued] = {}  # task key -> what submitting it takes
+        self._keys: dict[Any, int] = {}  # Ray object ref -> task key, while in flight
         self._bindings: dict[str, _Binding] = {}
-        self._in_flight: dict[Any, _InFlight] = {}
-        self._budget: dict[str, Resources] = {}  # target: its size; others: lendable share
-        self._nodes: dict[str, NodeView] = {}  # the view place() sees, one NodeView per budgeted node
-        self._index: Optional[OffloadIndex] = None  # offload candidates of _nodes, kept in step
-        self._alive: dict[str, bool] = {}
-        self._node_in_flight: Counter = Counter()
-        self._node_used: dict[str, Resources] = {}
         self._counts: Counter = Counter()
         self._reasons: list[str] = []
         self._flow_run_id: Optional[UUID] = None
@@ -269,14 +154,12 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._task_env: dict = {}
         self._run_logger = None
         self._crashed_runs: list[tuple[UUID, str]] = []
-        self._stranded: set = set()
-        self._to_cancel: list = []  # refs of tasks stranded on a dead node, cancelled by the dispatcher
+        self._to_cancel: list = []  # refs of stranded tasks, cancelled by the dispatcher thread
         self._node_specs: dict = {}
         self._grace_seconds = 30.0
         self._spec = None
         self._sharing_mode = SharingMode.share_and_offload
         self._adopt_node_boosts = False
-        self._target_busy = ""
         self._busy_checked_at = float("-inf")
 
     # -- prefect's TaskRunner contract -----------------------------------------------------
@@ -380,7 +263,9 @@ class BoostRayTaskRunner(RayTaskRunner):
             }
         )
         future = GridFuture(task_run_id=task_run_id)
-        upstream = _futures_in(parameters) + [f for f in (wait_for or []) if isinstance(f, GridFuture)]
+        # Only this runner's futures carry a key: one from elsewhere was resolved before it got here.
+        upstream = [f for f in _futures_in(parameters) + list(wait_for or [])
+                    if isinstance(f, GridFuture) and hasattr(f, "_grid_key")]
 
         remote_fn, call_options = self._remote_for(remote_options)
         call_options = _with_worker_env(call_options, self._task_env)
@@ -402,12 +287,13 @@ class BoostRayTaskRunner(RayTaskRunner):
             )
 
         priority = need.priority or Priority.normal
-        queued = _Queued(
-            (-priority.rank, next(self._seq)), future, submit_to_ray, need,
-            Requirement(resources=need.resources(), node=need.node), upstream, task.name, context,
-        )
+        key = next(self._seq)
+        future._grid_key = key
+        upstream_keys = tuple(getattr(f, "_grid_key", -1) for f in upstream)
         with self._cond:
-            heapq.heappush(self._queue, queued)
+            self._items[key] = _Queued(future, submit_to_ray, need, context, task.name)
+            self._state.submit(Task((-priority.rank, key), key, Requirement(resources=need.resources(), node=need.node),
+                                    upstream_keys, task.name))
             self._dispatch_ready()
         return future
 
@@ -436,6 +322,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         handle = rc.group_handle(boost.placement_group_id)
         with self._cond:
             self._bindings[boost.id] = _Binding(boost=boost, handle=handle, shared=shared)
+            self._state.attach(BoostUse(boost.id, boost.source, boost.resources, boost.expires_at, shared=shared))
             self._dispatch_ready()
             self._cond.notify_all()
         if shared:
@@ -468,9 +355,9 @@ class BoostRayTaskRunner(RayTaskRunner):
 
         now = utcnow()
         busy = busy_reason(self._spec, load_history(now=now), self.target, now)
-        if busy != self._target_busy:
+        if busy != self._state.target_busy:
             with self._cond:
-                self._target_busy = busy
+                self._state.target_busy = busy
                 self._cond.notify_all()
             self._say(logging.INFO, f"Target {self.target} is busy ({busy}): tasks move to lent capacity first"
                       if busy else f"Target {self.target} is no longer busy: tasks run there first again")
@@ -481,8 +368,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         with self._cond:
             binding.boost = record
             binding.handle = rc.group_handle(record.placement_group_id)
-            if binding.why_unusable.startswith(_PREEMPTION_NOTICE):
-                binding.usable, binding.why_unusable = True, ""
+            self._state.resume_routing(record.id, expires_at=record.expires_at, only_if=_PREEMPTION_NOTICE)
             self._dispatch_ready()
             self._cond.notify_all()
         self._say(logging.INFO, f"Boost {record.short_id} was kept ({record.reason}); tasks go into it again")
@@ -490,38 +376,36 @@ class BoostRayTaskRunner(RayTaskRunner):
     def stop_routing(self, boost_id: str, why: str, level: int = logging.WARNING) -> None:
         """No new task goes into the boost; tasks running in it continue."""
         with self._cond:
-            binding = self._bindings.get(boost_id)
-            if binding and binding.usable:
-                binding.usable = False
-                binding.why_unusable = why
-                self._say(level, f"Boost {boost_id[:8]}: {why}; new tasks run elsewhere")
+            self._carry_out(self._state.stop_routing(boost_id, why, level))
 
     def detach_boost(self, boost_id: str, timeout: float | None = None) -> bool:
         """Stop routing to the boost and wait until none of its tasks runs; True if they all ended."""
         self.stop_routing(boost_id, "being released", level=logging.INFO)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._bindings.get(boost_id) and self._bindings[boost_id].count:
+            while (use := self._state.boosts.get(boost_id)) is not None and use.count:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
             self._bindings.pop(boost_id, None)
+            self._state.forget(boost_id)
         return True
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until no task is queued or running; True if that happened within ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._in_flight:
+            while not self._state.idle:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                if self._queue and not (self._dispatcher and self._dispatcher.is_alive()):
+                if self._state.queue and not (self._dispatcher and self._dispatcher.is_alive()):
                     gone = RuntimeError("the grid-flows dispatcher thread is gone")
-                    for item in self._queue:  # resolve their futures: nobody waits on them for ever
-                        self._fail_undispatched(item, gone, "could not start")
-                    self._queue = []
+                    for task in self._state.queue:  # resolve their futures: nobody waits on them for ever
+                        self._state.finished.add(task.key)
+                        self._fail_undispatched(task.key, gone, "could not start")
+                    self._state.queue = []
                     return False
                 self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
         return True
@@ -558,142 +442,77 @@ class BoostRayTaskRunner(RayTaskRunner):
         from grid_flows.control.boosts import why_no_boosts
 
         self._adopt_node_boosts = spec is not None and not why_no_boosts(spec)
+        budget: dict[str, Resources] = {}
+        lenders = {n.name for n in spec.lenders()} if spec is not None else set()
         for name, info in nodes.items():
-            self._alive[name] = info.alive
             if name == self.target:
-                self._budget[name] = info.size
-            elif spec is not None and name in {n.name for n in spec.lenders()}:
-                self._budget[name] = info.lendable_free
-            self._node_used[name] = Resources()
-        if self.target not in self._budget:
+                budget[name] = info.size
+            elif name in lenders:
+                budget[name] = info.lendable_free
+        alive = {name: info.alive for name, info in nodes.items()}
+        if self.target not in budget:
             # A plain Ray cluster without grid labels: behave like prefect-ray on this node.
-            self._budget[self.target or "local"] = Resources(cpu=1e9, gpu=1e9, memory=2**62)
             self.target = self.target or "local"
-            self._alive[self.target] = True
-            self._node_used[self.target] = Resources()
-        self._rebuild_nodes()
-
-    def _node_view(self, name: str) -> NodeView:
-        free = self._budget[name].minus(self._node_used[name])
-        return NodeView(
-            name=name,
-            alive=self._alive.get(name, False),
-            free=free if name == self.target else Resources(),
-            lendable_free=free if name != self.target else Resources(),
-            in_flight=self._node_in_flight[name],
-        )
-
-    def _rebuild_nodes(self) -> None:
-        self._nodes = {name: self._node_view(name) for name in self._budget}
-        self._index = OffloadIndex.from_view(self._view())
-
-    def _node_changed(self, name: str) -> None:
-        """Keep the view and its offload index in step after one node's use or liveness changed.
-        Under the lock. One node per dispatch: a decision never rebuilds the whole view."""
-        if name in self._budget:
-            view = self._nodes[name] = self._node_view(name)
-            self._index.update(view)
-
-    def _view(self) -> ClusterView:
-        return ClusterView(target=self.target, nodes=self._nodes, allow_offload=bool(self.allow_offload),
-                           lent_when_target_full=True, target_busy=self._target_busy)
-
-    def _boost_views(self) -> list[BoostView]:
-        now = utcnow()
-        views = []
-        # The flow's own boosts first: first-fit strategies try them before the node's shared ones.
-        for b in sorted(self._bindings.values(), key=lambda binding: binding.shared):
-            if b.usable and now >= b.boost.expires_at:
-                b.usable, b.why_unusable = False, "expired"
-                self._say(logging.WARNING, f"Boost {b.boost.short_id} expired at {b.boost.expires_at:%H:%M:%S} UTC; "
-                                           "new tasks run elsewhere")
-            views.append(
-                BoostView(
-                    id=b.boost.id,
-                    source=b.boost.source,
-                    free=b.boost.resources.minus(b.in_flight),
-                    usable=b.usable,
-                    in_flight=b.count,
-                    shared=b.shared,
-                )
-            )
-        return views
+            budget[self.target], alive[self.target] = UNLIMITED, True
+        self._state = Dispatcher(self.target, budget, alive, strategy=self.strategy,
+                                 allow_offload=bool(self.allow_offload))
 
     def _dispatch_ready(self) -> None:
-        """Dispatch every queued task that has room now, in priority order. Call under the lock.
+        """Dispatch every queued task that has room now. Call under the lock."""
+        self._carry_out(self._state.dispatch_ready(utcnow()))
 
-        Runs on every task end, over the whole queue: a requirement that found no room is
-        not placed again in the same pass (room only shrinks within a pass), so a long queue
-        of like tasks costs one place() per distinct requirement, not one per task."""
-        if not self._queue:
-            return
-        view, boosts = self._view(), self._boost_views()
-        no_room: set[Requirement] = set()
-        waiting = []
-        pending = sorted(self._queue, key=_SORT_KEY, reverse=True)  # next task last: pop() is O(1)
-        try:
-            self._dispatch_pass(pending, waiting, no_room, view, boosts)
-        finally:  # a pass that raised half way leaves what it dispatched off the queue
-            self._queue = waiting + pending[::-1]  # sorted by priority, so already a heap
+    def _carry_out(self, instructions: list) -> None:
+        """Do what the dispatcher decided. Under the lock; Ray calls here only submit, never wait."""
+        for instruction in instructions:
+            if isinstance(instruction, Dispatch):
+                self._submit(instruction)
+            elif isinstance(instruction, Fail):
+                self._fail_undispatched(instruction.key, instruction.error, instruction.what)
+            elif isinstance(instruction, Finish):
+                item = self._items.pop(instruction.key, None)
+                if item is not None:
+                    item.future._finished.set()
+            elif isinstance(instruction, Rerun):
+                self._rerun(instruction)
+            elif isinstance(instruction, Cancel):
+                self._to_cancel.extend(self._items[k].ref for k in instruction.keys if k in self._items)
+            elif isinstance(instruction, Say):
+                self._say(instruction.level, instruction.message)
+        if instructions:
+            self._cond.notify_all()
 
-    def _dispatch_pass(self, pending: list, waiting: list, no_room: set, view, boosts) -> None:
-        while pending:
-            item = pending.pop()
-            requirement = item.requirement
-            if requirement in no_room or not all(f.finished for f in item.upstream):
-                waiting.append(item)
-                continue
-            try:
-                placement = place(requirement, view, boosts, self.strategy, index=self._index)
-            except Exception as exc:  # a bug in placing one task must not stall the others
-                self._fail_undispatched(item, exc, "could not place")
-                continue
-            if placement.kind is PlacementKind.queue:
-                no_room.add(requirement)
-                waiting.append(item)
-                continue
-            self._dispatch(item, placement, requirement.resources)
-            view, boosts = self._view(), self._boost_views()
-
-    def _dispatch(self, item: _Queued, placement: Placement, need: Resources) -> None:
-        options = self._ray_options(placement, need)
+    def _submit(self, instruction: Dispatch) -> None:
+        placement, need, item = instruction.placement, instruction.resources, self._items[instruction.key]
         node = placement.node or self.target
+        group = self._bindings[placement.boost_id].handle if placement.kind is PlacementKind.boost else None
+        # A task lost with its group or lender is re-placed by _task_done (Ray does not retry it).
+        options = rc.task_options(placement.kind, need, placement.node, group=group, labelled=self._labelled)
         node_spec = self._node_specs.get(node)
         # The node's resource mode, and the VRAM need (None: unstated) its guard admits the task for.
         guard = (node_spec, need.gpu, item.need.vram) if node_spec is not None else None
         try:
             ref = item.submit(options, item.future.task_run_id, item.context, guard)
         except Exception as exc:  # e.g. options Ray refuses: this task fails, the others go on
-            self._fail_undispatched(item, exc, "could not submit")
+            self._carry_out(self._state.dispatch_failed(instruction.key, exc))
             return
-        self._in_flight[ref] = _InFlight(item, placement.kind, node, placement.boost_id, need)
-        if placement.kind is PlacementKind.boost:
-            binding = self._bindings[placement.boost_id]
-            binding.in_flight = binding.in_flight + need
-            binding.count += 1
-        else:
-            self._node_used[node] = self._node_used[node] + need
-            self._node_in_flight[node] += 1
-            self._node_changed(node)
+        item.ref = ref
+        self._keys[ref] = instruction.key
+        name = item.name
         self._counts[f"{placement.kind.value}:{node}"] += 1
         if len(self._reasons) < _EXAMPLE_REASONS or placement.kind.value not in " ".join(self._reasons):
-            self._reasons.append(f"{item.task_name}: {placement.kind.value} -> {placement.reason}")
-        logger.debug("%s -> %s on %s (%.2f): %s", item.task_name, placement.kind.value, node,
-                     placement.confidence, placement.reason)
+            self._reasons.append(f"{name}: {placement.kind.value} -> {placement.reason}")
+        logger.debug("%s -> %s on %s (%.2f): %s", name, placement.kind.value, node, placement.confidence,
+                     placement.reason)
         item.future._set_ref(ref, placement)
         ref._on_completed(lambda result, ref=ref: self._task_done(ref, result))
 
-    def _ray_options(self, placement: Placement, need: Resources) -> dict:
-        # A task lost with its group or lender is re-placed by _task_done (Ray does not retry it).
-        group = self._bindings[placement.boost_id].handle if placement.kind is PlacementKind.boost else None
-        return rc.task_options(placement.kind, need, placement.node, group=group, labelled=self._labelled)
-
-    def _fail_undispatched(self, item: _Queued, exc: BaseException, what: str) -> None:
+    def _fail_undispatched(self, key: int, exc: BaseException, what: str) -> None:
         """End a task that never reached Ray: its future resolves to a Failed state naming
         the error, the flow run's log says so, and tasks waiting on it may go on. Under the lock."""
         import ray
 
-        message = f"grid-flows {what} task {item.task_name} on Ray: {type(exc).__name__}: {exc}"
+        item = self._items.pop(key)
+        message = f"grid-flows {what} task {item.name} on Ray: {type(exc).__name__}: {exc}"
         state = run_coro_as_sync(exception_to_failed_state(exc, message=message))
         item.future._set_ref(ray.put(state), None)
         item.future._finished.set()
@@ -702,63 +521,33 @@ class BoostRayTaskRunner(RayTaskRunner):
 
     def _task_done(self, ref: Any, result: Any = None) -> None:
         with self._cond:
-            flight = self._in_flight.pop(ref, None)
-            if flight is None:
+            key = self._keys.pop(ref, None)
+            if key is None:
                 return
-            if flight.kind is PlacementKind.boost:
-                binding = self._bindings.get(flight.boost_id)
-                if binding:
-                    binding.in_flight = binding.in_flight.minus(flight.resources)
-                    binding.count -= 1
-            else:
-                self._node_used[flight.node] = self._node_used[flight.node].minus(flight.resources)
-                self._node_in_flight[flight.node] -= 1
-                self._node_changed(flight.node)
-            stranded = ref in self._stranded
-            self._stranded.discard(ref)
-            lost = is_lost_with_node(result) or (stranded and _is_cancelled(result))
-            if lost and flight.kind is not PlacementKind.target and flight.item.attempts < 1:
-                self._retry_elsewhere(flight, result)
-            else:
-                flight.item.future._finished.set()
+            self._carry_out(self._state.task_done(key, lost_with_node=is_lost_with_node(result),
+                                                  cancelled=is_cancelled(result), error=type(result).__name__))
             self._cond.notify_all()  # the dispatcher thread submits what now fits
 
-    def _retry_elsewhere(self, flight: _InFlight, error: BaseException) -> None:
+    def _rerun(self, instruction: Rerun) -> None:
         """A task lost with its node (or its boost's group) runs again, as a new task run. Under the lock."""
-        if flight.kind is PlacementKind.boost:
-            binding = self._bindings.get(flight.boost_id)
-            if binding and binding.usable:
-                binding.usable, binding.why_unusable = False, f"lender {flight.node} is gone"
-        else:
-            self._node_died(flight.node)
-        item = flight.item
+        item = self._items[instruction.key]
         old_run_id, new_run_id = item.future.task_run_id, uuid4()
         item.context = _with_task_run_id(item.context, new_run_id)
         item.future._task_run_id = new_run_id
-        item.attempts += 1
-        self._crashed_runs.append((old_run_id, f"lost with {flight.node} ({type(error).__name__}); re-run as {new_run_id}"))
-        heapq.heappush(self._queue, item)
-        self._say(logging.WARNING, f"Task {item.task_name} was lost with {flight.node} ({type(error).__name__}); "
-                                   "running it again elsewhere")
+        self._crashed_runs.append((old_run_id, f"lost with {instruction.node} ({instruction.error}); "
+                                               f"re-run as {new_run_id}"))
 
     def _node_died(self, name: str) -> None:
         """``name`` is gone: place nothing there, and cancel (then re-place) the tasks sent
-        there that have not reported, since one still waiting for its lease would wait for
-        the dead node's label for ever. Under the lock; the dispatcher does the cancelling."""
-        if self._alive.get(name) is not False:
-            self._alive[name] = False
-            self._node_changed(name)
-        refs = [ref for ref, f in self._in_flight.items()
-                if f.node == name and f.kind is PlacementKind.offload and ref not in self._stranded]
-        self._stranded.update(refs)
-        self._to_cancel.extend(refs)
+        there that have not reported. Under the lock; the dispatcher thread does the cancelling."""
+        self._carry_out(self._state.node_died(name))
 
     def _cancel_stranded(self, binding: _Binding) -> None:
         """Tasks still waiting inside a removed or homeless group would wait forever: cancel
         them, and _task_done runs them again elsewhere."""
         with self._cond:
-            refs = [ref for ref, f in self._in_flight.items() if f.boost_id == binding.boost.id]
-            self._stranded.update(refs)
+            self._carry_out(self._state.strand_boost(binding.boost.id))
+            refs, self._to_cancel = self._to_cancel, []
         _cancel(refs)
 
     def _say(self, level: int, message: str) -> None:
@@ -819,18 +608,18 @@ class BoostRayTaskRunner(RayTaskRunner):
             for name, up in alive.items():
                 if not up:
                     self._node_died(name)
-                elif not self._alive.get(name):
-                    self._alive[name] = True
-                    self._node_changed(name)
-            bindings = list(self._bindings.values())
-        if any(not b.usable for b in bindings):
+                else:
+                    self._state.node_up(name)
+            bindings = [(b, self._state.boosts[b.boost.id]) for b in self._bindings.values()
+                        if b.boost.id in self._state.boosts]
+        if any(not use.usable for _, use in bindings):
             groups = rc.grid_groups()
-            for binding in bindings:
+            for binding, use in bindings:
                 group = groups.get(binding.boost.placement_group)
-                if not binding.usable and binding.count and (group is None or group.state != "CREATED"):
+                if not use.usable and use.count and (group is None or group.state != "CREATED"):
                     self._cancel_stranded(binding)
         now = utcnow()
-        for binding in bindings:
+        for binding, use in bindings:
             b = binding.boost
             if not alive.get(b.source, False) and not binding.ended_here:
                 self.stop_routing(b.id, f"lender {b.source} is down")
@@ -842,23 +631,23 @@ class BoostRayTaskRunner(RayTaskRunner):
                 if not binding.ended_here:
                     self.stop_routing(b.id, f"it was {record.state.value} ({record.reason or 'no reason given'})",
                                       level=logging.INFO if binding.shared else logging.WARNING)
-                if binding.shared and binding.count == 0:
+                if binding.shared and use.count == 0:
                     with self._cond:  # the node's boost, not ours: forget it once nothing runs there
                         self._bindings.pop(b.id, None)
+                        self._state.forget(b.id)
             elif record.preempted_by:
                 self.stop_routing(b.id, f"{_PREEMPTION_NOTICE} {record.preempted_by[:8]}")
             elif record.placement_group_id != b.placement_group_id or \
-                    binding.why_unusable.startswith(_PREEMPTION_NOTICE):  # kept, in a new group or its own
+                    use.why_unusable.startswith(_PREEMPTION_NOTICE):  # kept, in a new group or its own
                 self._rebind(binding, record)
             elif record.expires_at != b.expires_at:
                 with self._cond:
                     binding.boost = record
-                    if binding.why_unusable == "expired" and now < record.expires_at:
-                        binding.usable, binding.why_unusable = True, ""
+                    self._state.resume_routing(b.id, expires_at=record.expires_at, now=now, only_if="expired")
                 self._say(logging.INFO, f"Boost {b.short_id} now expires at {record.expires_at:%H:%M:%S} UTC")
-            elif binding.why_unusable == "expired" and not binding.ended_here:
+            elif use.why_unusable == "expired" and not binding.ended_here:
                 overdue = (now - b.expires_at).total_seconds()
-                if binding.count == 0 or overdue >= self._grace_seconds:
+                if use.count == 0 or overdue >= self._grace_seconds:
                     binding.ended_here = True
                     boost_ops.end(store, b.id, Event.expire, "expired while a flow used it" if binding.shared
                                   else "expired while its flow ran")
@@ -867,7 +656,7 @@ class BoostRayTaskRunner(RayTaskRunner):
     def _refresh_sharing(self, store, at_start: bool = False) -> None:
         """The mode's extras, after the checks above; one failing does not stop the other."""
         with self._cond:
-            waiting = bool(self._queue)
+            waiting = bool(self._state.queue)
         if self._adopt_node_boosts and (waiting or at_start):  # only a saturated target can use them
             try:
                 self._adopt_new_node_boosts(store.list())
@@ -894,22 +683,9 @@ class BoostRayTaskRunner(RayTaskRunner):
             + "\n".join(f"- {r}" for r in self._reasons)
         )
         try:
-            # The flow run context is gone by __exit__: name the run explicitly, so the
-            # artifact shows on the flow run's page in the UI.
-            from prefect.client.schemas.actions import ArtifactCreate
+            from grid_flows.adapters.prefect.store import publish_run_table
 
-            from grid_flows.adapters.prefect.store import api_client
-
-            with api_client() as client:
-                client.create_artifact(
-                    ArtifactCreate(
-                        key=f"grid-placements-{self._flow_run_id}",
-                        type="table",
-                        data=json.dumps(rows),
-                        description=description,
-                        flow_run_id=self._flow_run_id,
-                    )
-                )
+            publish_run_table(f"grid-placements-{self._flow_run_id}", rows, description, self._flow_run_id)
         except Exception as exc:
             logger.warning("could not publish the placements artifact: %s", exc)
 
@@ -917,51 +693,6 @@ class BoostRayTaskRunner(RayTaskRunner):
 def _rebuild_runner(cls, address, strategy, target, boost_ids, allow_offload, init_kwargs):
     return cls(address=address, strategy=strategy, target=target, boost_ids=boost_ids,
                allow_offload=allow_offload, init_kwargs=init_kwargs)
-
-
-def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any) -> Any:
-    """Runs in the Ray worker: apply the node's resource mode, then prefect-ray's task body
-    under the worker's cached settings and open API client (task_context.py).
-
-    ``grid_guard`` is (NodeSpec, GPUs needed, VRAM bytes needed or None): priority is lowered
-    as the mode says, and a GPU task waits for the node's throttle and its VRAM cap before it
-    starts (guard.py).
-    """
-    if grid_guard is not None:
-        from grid_flows.runner.worker import guard_task
-
-        node, need_gpu, need_vram = grid_guard
-        guard_task(node, need_gpu, need_vram)
-    context = kwargs.get("context") or {}
-    if not context.get("settings_context"):
-        return RayTaskRunner._run_prefect_task(*upstream_refs, **kwargs)
-    # Prefect would rebuild the settings model and two clients for every task; enter the
-    # worker's cached ones, and hydrated_context, finding no settings in the context, keeps them.
-    with worker_context(context["settings_context"]):
-        return RayTaskRunner._run_prefect_task(*upstream_refs, **{**kwargs, "context": {**context,
-                                                                                         "settings_context": {}}})
-
-
-def is_lost_with_node(error: Any) -> bool:
-    """Errors that mean the task's node or placement group went away, not that the task failed."""
-    import ray.exceptions as rex
-
-    if isinstance(
-        error,
-        (rex.NodeDiedError, rex.LocalRayletDiedError, rex.WorkerCrashedError, rex.TaskPlacementGroupRemoved,
-         rex.ObjectLostError),
-    ):
-        return True
-    # A worker killed while its group is removed may die with SystemExit inside the task,
-    # which then surfaces wrapped (e.g. in a pydantic serialization error). The cost of
-    # also catching a task's own sys.exit() is one re-run.
-    return isinstance(error, rex.RayTaskError) and "SystemExit" in str(error)
-
-
-def _is_cancelled(error: Any) -> bool:
-    import ray.exceptions as rex
-
-    return isinstance(error, rex.TaskCancelledError)
 
 
 def _cancel(refs: list) -> None:
@@ -998,15 +729,4 @@ def _mark_crashed(store, task_run_id: UUID, message: str) -> None:
     with contextlib.suppress(Exception):  # the run may not exist yet if the node died early
         store.client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
 
-
-def _futures_in(parameters: dict[str, Any]) -> list[GridFuture]:
-    found: list[GridFuture] = []
-
-    def collect(expr: Any) -> Any:
-        if isinstance(expr, GridFuture):
-            found.append(expr)
-        return expr
-
-    visit_collection(parameters, visit_fn=collect, return_data=False)
-    return found
 

@@ -15,12 +15,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from prefect_ray import RayTaskRunner
+
 from grid_flows.adapters.host.guard import (
     NEED_ENV, admit_gpu_task, apply_process_priority, apply_vram_cap, default_probe, visible_device_indices,
 )
 from grid_flows.adapters.ray.throttle import ThrottleSlot, throttle_gpu_start
 from grid_flows.core.modes import GpuProbe, ModeLimits, VramDecision, limits_for
 from grid_flows.core.models import NodeSpec
+from grid_flows.adapters.prefect.settings import GridSettings
+from grid_flows.adapters.prefect.task_context import worker_context
 
 
 @dataclass
@@ -86,3 +90,25 @@ def guard_task(
     os.environ[NEED_ENV] = str(report.vram.need_bytes)
     report.vram_cap = apply_vram_cap(limits, probe)
     return report
+
+
+def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any) -> Any:
+    """Runs in the Ray worker: apply the node's resource mode, then prefect-ray's task body
+    under the worker's cached settings and open API client (task_context.py).
+
+    ``grid_guard`` is (NodeSpec, GPUs needed, VRAM bytes needed or None): priority is lowered
+    as the mode says, and a GPU task waits for the node's throttle and its VRAM cap before it
+    starts (:func:`guard_task`).
+    """
+    if grid_guard is not None:
+        node, need_gpu, need_vram = grid_guard
+        wait = GridSettings().vram_wait_seconds if need_gpu > 0 else 0.0
+        guard_task(node, need_gpu, need_vram, wait_seconds=wait)
+    context = kwargs.get("context") or {}
+    if not context.get("settings_context"):
+        return RayTaskRunner._run_prefect_task(*upstream_refs, **kwargs)
+    # Prefect would rebuild the settings model and two clients for every task; enter the
+    # worker's cached ones, and hydrated_context, finding no settings in the context, keeps them.
+    with worker_context(context["settings_context"]):
+        return RayTaskRunner._run_prefect_task(*upstream_refs, **{**kwargs, "context": {**context,
+                                                                                         "settings_context": {}}})

@@ -11,6 +11,7 @@ from prefect import flow, task
 
 from grid_flows import BoostRayTaskRunner, boosted, list_boosts, request_boost
 from grid_flows.adapters.ray import cluster as rc
+from grid_flows.adapters.ray import local_cluster
 from grid_flows.core.cluster_file import parse_cluster
 from grid_flows.core.models import BoostState
 
@@ -27,7 +28,7 @@ def lossy_cluster(grid):
     from tests.conftest import TEST_CLUSTER
 
     ray.shutdown()  # leave the session cluster for this test
-    with rc.LocalCluster(parse_cluster(TEST_CLUSTER), fast_health_check=True) as cluster:
+    with local_cluster.LocalCluster(parse_cluster(TEST_CLUSTER), fast_health_check=True) as cluster:
         yield cluster
     rc.connect(grid.address)
 

@@ -10,11 +10,14 @@ import sys
 
 import pytest
 
-from grid_flows.adapters.host import offload as core
+from grid_flows.core import offload_rules
+from grid_flows.adapters.host import processes
 from grid_flows.flows.offload import choose, validate_command
 from grid_flows.core.models import ClusterSpec, Resources
 from grid_flows.errors import InvalidRequest
-from grid_flows.adapters.host.offload import ProcInfo, classify, command_words, has_word, select_candidates, skip_reason
+from grid_flows.core.offload_rules import (
+    ProcInfo, classify, command_words, has_word, select_candidates, skip_reason,
+)
 from grid_flows.core.placement import PlacementKind
 
 NOW = 1_000_000.0
@@ -114,7 +117,7 @@ def test_own_pids_are_skipped():
 
 def test_offload_command_is_shell_quoted_and_round_trips():
     argv = ["python", "-c", "print('a b'); x=$HOME", "*"]
-    line = core.offload_command(argv, "gpu1", Resources(cpu=2, memory=GIB), "/srv/my proj")
+    line = offload_rules.offload_command(argv, "gpu1", Resources(cpu=2, memory=GIB), "/srv/my proj")
     words = shlex.split(line)
     assert words[:3] == ["grid", "offload", "run"]
     assert words[words.index("--") + 1:] == argv
@@ -150,8 +153,8 @@ def test_run_command_passes_argv_without_a_shell(tmp_path):
     spec = NODE_SPEC
     weird = ["$HOME; rm -rf / && echo \"x\" | cat > y *", "`id`", "a b", ""]
     q = FakeQueue()
-    env = core.child_env({"GRID_TEST": "1"})
-    result = core.run_command([sys.executable, "-c", "import sys, json; print(json.dumps(sys.argv[1:]))", *weird],
+    env = processes.child_env({"GRID_TEST": "1"})
+    result = processes.run_command([sys.executable, "-c", "import sys, json; print(json.dumps(sys.argv[1:]))", *weird],
                               str(tmp_path), env, spec, q, timeout_seconds=60)
     assert result.exit_code == 0
     import json
@@ -172,21 +175,21 @@ def test_run_command_never_uses_a_shell(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "Popen", spy)
     spec = NODE_SPEC
-    core.run_command(["true"], str(tmp_path), core.child_env(), spec, FakeQueue(), timeout_seconds=30)
+    processes.run_command(["true"], str(tmp_path), processes.child_env(), spec, FakeQueue(), timeout_seconds=30)
     assert seen["shell"] is False and seen["start_new_session"] is True
     assert seen["args"] == ["true"] and seen["cwd"] == str(tmp_path)
 
 
 def test_run_command_reports_missing_program_and_cwd(tmp_path):
     spec = NODE_SPEC
-    r = core.run_command(["no-such-program-xyz"], str(tmp_path), core.child_env(), spec, FakeQueue())
+    r = processes.run_command(["no-such-program-xyz"], str(tmp_path), processes.child_env(), spec, FakeQueue())
     assert r.exit_code == 127 and "command not found" in r.error
-    r = core.run_command(["true"], str(tmp_path / "missing"), core.child_env(), spec, FakeQueue())
+    r = processes.run_command(["true"], str(tmp_path / "missing"), processes.child_env(), spec, FakeQueue())
     assert r.exit_code is None and "does not exist" in r.error
 
 
 def test_child_env_is_minimal_plus_extra():
-    env = core.child_env({"A": "1"}, base={"PATH": "/bin", "HOME": "/h", "RAY_ADDRESS": "x", "SECRET": "s"},
+    env = processes.child_env({"A": "1"}, base={"PATH": "/bin", "HOME": "/h", "RAY_ADDRESS": "x", "SECRET": "s"},
                          node="gpu1")
     assert env == {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
                    "GRID_OFFLOAD_NODE": "gpu1", "A": "1"}
@@ -229,16 +232,16 @@ def node(name="n", **fields):
 
 
 def test_a_node_runs_no_command_unless_it_opts_in():
-    why = core.command_refusal(node("gpu1"), ["python", "train.py"])
+    why = offload_rules.command_refusal(node("gpu1"), ["python", "train.py"])
     assert "'gpu1'" in why and "allow_offload_commands: true" in why and "\n" not in why
-    assert core.command_refusal(node("gpu1", allow_offload_commands=True), ["python", "train.py"]) == ""
+    assert offload_rules.command_refusal(node("gpu1", allow_offload_commands=True), ["python", "train.py"]) == ""
 
 
 def test_offload_commands_bare_names_match_the_base_name():
     n = node("gpu1", allow_offload_commands=True, offload_commands=["python3", "ffmpeg"])
-    assert core.command_refusal(n, ["/usr/bin/python3", "x.py"]) == ""
-    assert core.command_refusal(n, ["ffmpeg", "-i", "a"]) == ""
-    why = core.command_refusal(n, ["bash", "-c", "id"])
+    assert offload_rules.command_refusal(n, ["/usr/bin/python3", "x.py"]) == ""
+    assert offload_rules.command_refusal(n, ["ffmpeg", "-i", "a"]) == ""
+    why = offload_rules.command_refusal(n, ["bash", "-c", "id"])
     assert "'gpu1'" in why and "'bash'" in why and "python3, ffmpeg" in why
 
 
@@ -249,24 +252,24 @@ def test_offload_commands_paths_match_what_argv0_resolves_to_on_the_node(tmp_pat
     tool.chmod(0o755)
     (tmp_path / "link").symlink_to(tool)
     n = node("gpu1", allow_offload_commands=True, offload_commands=[str(tool)])
-    assert core.command_refusal(n, ["anything"]) == ""  # a path entry: only the node can tell
+    assert offload_rules.command_refusal(n, ["anything"]) == ""  # a path entry: only the node can tell
     env = {"PATH": str(tool.parent)}
-    assert core.executable_on_node(n, ["tool"], str(tmp_path), env) == str(tool)
-    assert core.executable_on_node(n, ["./link"], str(tmp_path), env) is None  # admitted; a path: no search
-    assert core.executable_on_node(n, [str(tool)], "/", {}) is None
+    assert processes.executable_on_node(n, ["tool"], str(tmp_path), env) == str(tool)
+    assert processes.executable_on_node(n, ["./link"], str(tmp_path), env) is None  # admitted; a path: no search
+    assert processes.executable_on_node(n, [str(tool)], "/", {}) is None
     with pytest.raises(InvalidRequest, match=r"node 'gpu1' does not allow running '/bin/sh'"):
-        core.executable_on_node(n, ["/bin/sh", "-c", "id"], str(tmp_path), env)
+        processes.executable_on_node(n, ["/bin/sh", "-c", "id"], str(tmp_path), env)
     with pytest.raises(InvalidRequest, match="does not allow running 'tool'"):
-        core.executable_on_node(n, ["tool"], str(tmp_path), {"PATH": "/usr/bin:/bin"})  # another `tool`: none
+        processes.executable_on_node(n, ["tool"], str(tmp_path), {"PATH": "/usr/bin:/bin"})  # another `tool`: none
 
 
 def test_run_command_refuses_on_the_node_before_starting_anything(monkeypatch, tmp_path):
     started = []
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
     q = FakeQueue()
-    r = core.run_command(["true"], str(tmp_path), core.child_env(), node("gpu1"), q)
+    r = processes.run_command(["true"], str(tmp_path), processes.child_env(), node("gpu1"), q)
     assert r.exit_code is None and "allow_offload_commands" in r.error
-    r = core.run_command(["bash"], str(tmp_path), core.child_env(),
+    r = processes.run_command(["bash"], str(tmp_path), processes.child_env(),
                          node("gpu1", allow_offload_commands=True, offload_commands=["python"]), q)
     assert r.exit_code is None and "does not allow running 'bash'" in r.error
     assert started == [] and q.items == []
@@ -283,7 +286,7 @@ def test_run_command_execs_the_checked_path(monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "Popen", spy)
     true = os.path.realpath("/bin/true")
     n = node("n", allow_offload_commands=True, offload_commands=[true])
-    r = core.run_command(["true"], str(tmp_path), core.child_env(base={"PATH": os.path.dirname(true)}), n,
+    r = processes.run_command(["true"], str(tmp_path), processes.child_env(base={"PATH": os.path.dirname(true)}), n,
                          FakeQueue(), timeout_seconds=30)
     assert r.exit_code == 0 and seen["executable"] == true
 
@@ -350,13 +353,13 @@ def test_validate_command_refuses_nul_bytes():
 )
 def test_validate_env_refuses_what_no_process_can_take(env, message):
     with pytest.raises(InvalidRequest, match=re.escape(message)) as info:
-        core.validate_env(env)
+        offload_rules.validate_env(env)
     assert "hunter2" not in str(info.value)  # values may be secrets: never in a message
 
 
 def test_child_env_refuses_bad_input_in_one_line_without_the_value():
     with pytest.raises(InvalidRequest) as info:
-        core.child_env({"K": "secret\0value"})
+        processes.child_env({"K": "secret\0value"})
     assert "secret" not in str(info.value).replace("secret_env", "")
 
 
@@ -381,15 +384,15 @@ def test_a_script_without_shebang_is_a_one_line_error(tmp_path):
     script = tmp_path / "job.sh"
     script.write_text("echo hi\n")  # no #! line
     script.chmod(0o755)
-    r = core.run_command(["./job.sh"], str(tmp_path), core.child_env(), NODE_SPEC, FakeQueue())
+    r = processes.run_command(["./job.sh"], str(tmp_path), processes.child_env(), NODE_SPEC, FakeQueue())
     assert (r.exit_code, r.error) == (126, "cannot execute ./job.sh: not an executable or no shebang line")
 
 
 def test_run_command_reports_bad_arguments_instead_of_raising(tmp_path):
     q = FakeQueue()
-    r = core.run_command(["echo", "a\0b"], str(tmp_path), core.child_env(), NODE_SPEC, q)
+    r = processes.run_command(["echo", "a\0b"], str(tmp_path), processes.child_env(), NODE_SPEC, q)
     assert r.exit_code is None and "NUL byte" in r.error and q.items == []
-    r = core.run_command(["true"], str(tmp_path), {"A=B": "1"}, NODE_SPEC, q)
+    r = processes.run_command(["true"], str(tmp_path), {"A=B": "1"}, NODE_SPEC, q)
     assert r.exit_code is None and "'A=B'" in r.error and q.items == []
 
 
@@ -491,7 +494,7 @@ def test_timeout_kills_a_grandchild_that_left_with_setsid(tmp_path):
         "time.sleep(300)\n"
     )
     try:
-        r = core.run_command([sys.executable, "-c", script], str(tmp_path), core.child_env(), NODE_SPEC, q,
+        r = processes.run_command([sys.executable, "-c", script], str(tmp_path), processes.child_env(), NODE_SPEC, q,
                              timeout_seconds=3, grace_seconds=1)
         assert r.timed_out and len(q.procs) == 3
         assert q.sids[0] != q.sids[2] == q.procs[2].pid  # the first sleep left the command's session
@@ -508,8 +511,8 @@ def test_timeout_kills_a_grandchild_that_left_with_setsid(tmp_path):
 def test_timeout_kills_setsid_sleep_started_by_bash(tmp_path):
     q = PidQueue()
     try:
-        r = core.run_command(["bash", "-c", "setsid sleep 300 & echo pid $!; sleep 300"], str(tmp_path),
-                             core.child_env(), NODE_SPEC, q, timeout_seconds=2, grace_seconds=1)
+        r = processes.run_command(["bash", "-c", "setsid sleep 300 & echo pid $!; sleep 300"], str(tmp_path),
+                             processes.child_env(), NODE_SPEC, q, timeout_seconds=2, grace_seconds=1)
         assert r.timed_out and len(q.procs) == 1
         assert _wait_gone(q.procs) == []
     finally:
@@ -535,14 +538,14 @@ def test_a_double_forked_orphan_is_killed_too_under_a_subreaper(tmp_path):
     )
     harness = (
         "import json, sys\n"
-        "from grid_flows.adapters.host import offload as core\n"
+        "from grid_flows.adapters.host import processes\n"
         "from grid_flows.core.models import ClusterSpec\n"
         "n = ClusterSpec.model_validate({'nodes': [{'name': 'n', 'role': 'head', 'mode': 'aggressive',"
         " 'allow_offload_commands': True}]}).head\n"
         "class Q:\n"
         "    def put(self, item, timeout=None):\n"
         "        if item[0] == 'stdout': print(json.dumps(item[1]), flush=True)\n"
-        f"r = core.run_command([sys.executable, '-c', {orphan!r}], {str(tmp_path)!r}, core.child_env(), n, Q(),"
+        f"r = processes.run_command([sys.executable, '-c', {orphan!r}], {str(tmp_path)!r}, processes.child_env(), n, Q(),"
         " timeout_seconds=3, grace_seconds=1, subreaper=True)\n"
         "print(json.dumps(['result', r.timed_out, r.kill]), flush=True)\n"
     )
@@ -580,7 +583,7 @@ def test_kill_tree_from_another_process_kills_descendants_outside_the_group(tmp_
     procs = [psutil.Process(leader.pid)]
     try:
         procs.append(psutil.Process(int(leader.stdout.readline())))
-        what = core.kill_tree(leader.pid, grace_seconds=1, create_time=procs[0].create_time())
+        what = processes.kill_tree(leader.pid, grace_seconds=1, create_time=procs[0].create_time())
         leader.wait(timeout=10)
         assert _wait_gone(procs) == [] and "process tree" in what
     finally:

@@ -11,18 +11,10 @@ import pytest
 from grid_flows.core import placement as scheduler
 from grid_flows.core.models import Resources
 from grid_flows.core.placement import (
-    BoostView,
-    ClusterView,
-    NodeView,
-    OffloadIndex,
-    Placement,
-    PlacementKind,
-    Pressure,
-    Requirement,
-    Strategy,
-    confidence,
+    BoostView, ClusterView, NodeView, Placement, PlacementKind, Pressure, Requirement, Strategy, confidence,
     place,
 )
+from grid_flows.core.offload_index import OffloadIndex
 
 GIB = 1024**3
 T, B, O, Q = PlacementKind.target, PlacementKind.boost, PlacementKind.offload, PlacementKind.queue

@@ -32,6 +32,9 @@ class GridSettings(PrefectBaseSettings):
         2.0, gt=0, description="How long a boost's placement group may take to be placed before the grant fails."
     )
     lock_timeout_seconds: float = Field(30.0, gt=0, description="How long to wait for the ledger lock.")
+    vram_wait_seconds: float = Field(
+        30.0, ge=0, description="How long a GPU task waits on its node for its VRAM to fit under the cap before it fails."
+    )
 
 
 def ray_address(explicit: str | None = None) -> str | None:

@@ -3,7 +3,7 @@
 One block document per boost (``boost-<id>``): creating a document with a new name is
 atomic, so concurrent requesters never overwrite each other. Blocks have no
 compare-and-swap (docs/architecture.md, "Records"), so changes to an existing record happen under
-the cluster's ledger lock (``ray_cluster.ledger_lock``).
+the cluster's ledger lock (``grid_flows.adapters.ray.cluster.ledger_lock``).
 
 Example:
     ```python
@@ -59,6 +59,16 @@ def _tls_context_for(skip_verify: bool, cafile: str) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
         return context
     return ssl.create_default_context(cafile=cafile)
+
+
+def publish_run_table(key: str, rows: list[dict], description: str, flow_run_id) -> None:
+    """A table artifact on flow run ``flow_run_id``, named explicitly: after a run's context
+    is gone (a task runner's ``__exit__``), ``create_table_artifact`` would attach it to nothing."""
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    with api_client() as client:
+        client.create_artifact(ArtifactCreate(key=key, type="table", data=json.dumps(rows), description=description,
+                                              flow_run_id=flow_run_id))
 
 
 def api_client():
@@ -147,7 +157,7 @@ class BoostStore:
     def save(self, boost: Boost) -> None:
         """Write a changed record; an ended boost moves to the history.
 
-        Call under ``ray_cluster.ledger_lock()`` when others may write the record.
+        Call under ``grid_flows.adapters.ray.cluster.ledger_lock()`` when others may write the record.
         """
         if boost.state.ended:
             try:

@@ -1,4 +1,4 @@
-"""The Ray adapter: find grid nodes by label, hold boosts as placement groups, run a local cluster.
+"""The Ray adapter: find grid nodes by label, hold boosts as placement groups, build task options.
 
 A boost is a detached, named placement group with one bundle pinned on the source
 node by its ``grid.node`` label. The bundle carries the lend tokens that the node
@@ -22,27 +22,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from grid_flows.adapters.prefect.settings import RAY_NAMESPACE, GridSettings, ray_address
-from grid_flows.core.models import PLACEMENT_GROUP_PREFIX, ClusterSpec, NodeSpec, Resources
-from grid_flows.errors import GridError, LedgerBusy, RayUnavailable
+from grid_flows.core.models import PLACEMENT_GROUP_PREFIX, NodeSpec, Resources
+from grid_flows.errors import LedgerBusy, RayUnavailable
 
 logger = logging.getLogger("grid_flows.adapters.ray.cluster")
 
 NODE_LABEL = "grid.node"  # the Ray node label that names a grid node (its value is the node's name)
-
-# Small object stores keep a one-machine cluster light (docs/architecture.md, "Ray facts").
-LOCAL_OBJECT_STORE_BYTES = 78 * 1024**2
-_FAST_HEALTH_CHECK = {
-    "RAY_health_check_period_ms": "200",
-    "RAY_health_check_timeout_ms": "200",
-    "RAY_health_check_failure_threshold": "3",
-}
 
 
 LEDGER_LOCK_NAME = "grid-ledger-lock"
@@ -400,106 +390,3 @@ def _whole(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-class LocalCluster:
-    """Ray nodes on this machine shaped by a cluster spec; see :func:`local_cluster`.
-
-    Use the class when a test must stop one node (``stop_node("gpu1")``) while others run.
-    """
-
-    def __init__(self, spec: ClusterSpec, *, tmp_dir: str | None = None, fast_health_check: bool = False,
-                 connect_driver: bool = True):
-        self.spec = spec
-        self._owns_tmp = tmp_dir is None
-        self.tmp_dir = tmp_dir or tempfile.mkdtemp(prefix="grid-ray-", dir="/tmp")
-        self.fast_health_check = fast_health_check
-        self.connect_driver = connect_driver
-        self.address = ""
-        self._cluster = None
-        self._nodes: dict[str, object] = {}
-        self._saved_env: dict[str, str | None] = {}
-
-    def __enter__(self) -> "LocalCluster":
-        self._saved_env = {k: os.environ.get(k) for k in (*_FAST_HEALTH_CHECK, "RAY_ADDRESS", "RAY_TMPDIR")}
-        quiet_ray_environment(self.tmp_dir)
-        if self.fast_health_check:
-            os.environ.update(_FAST_HEALTH_CHECK)  # read by the GCS at start: lost nodes seen in ~0.6 s
-        from ray.cluster_utils import Cluster
-
-        self._cluster = Cluster(
-            initialize_head=True,
-            head_node_args={**self._node_args(self.spec.head), "include_dashboard": False},
-        )
-        try:
-            self._nodes[self.spec.head.name] = self._cluster.head_node
-            for worker in self.spec.workers:
-                self._nodes[worker.name] = self._cluster.add_node(**self._node_args(worker))
-            self._cluster.wait_for_nodes()
-            self.address = self._cluster.address
-            os.environ["RAY_ADDRESS"] = self.address
-            if self.connect_driver:
-                connect(self.address)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def stop_node(self, name: str) -> None:
-        """Kill one worker node's processes, as if its machine went away."""
-        self._cluster.remove_node(self._nodes.pop(name), allow_graceful=False)
-
-    def restart_node(self, name: str) -> None:
-        """Start a worker node stopped by :meth:`stop_node` again, as the machine coming back:
-        the same size, lend tokens and ``grid.node`` label as at start (Ray gives it a new
-        node id). Returns once Ray lists it alive; it is stopped with the cluster."""
-        if name in self._nodes:
-            raise GridError(f"node {name} is running; stop_node({name!r}) first")
-        node = self.spec.node(name)
-        if name == self.spec.head.name:
-            raise GridError(f"node {name} is the head: a local cluster cannot restart its head")
-        self._nodes[name] = self._cluster.add_node(**self._node_args(node))
-
-    def __exit__(self, *exc: object) -> None:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        if self._cluster is not None:
-            self._cluster.shutdown()
-        for key, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if self._owns_tmp:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
-    @staticmethod
-    def _node_args(node: NodeSpec) -> dict:
-        return dict(
-            num_cpus=node.cpu_count,
-            num_gpus=node.gpu_count,
-            memory=int(node.size.memory),
-            resources={k: int(v) for k, v in node.ray_resources().items()},
-            labels={NODE_LABEL: node.name},
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        )
-
-
-@contextlib.contextmanager
-def local_cluster(
-    spec: ClusterSpec,
-    *,
-    tmp_dir: str | None = None,
-    fast_health_check: bool = False,
-    connect_driver: bool = True,
-) -> Iterator[str]:
-    """Start the spec's head and workers as separate Ray nodes on this machine; yield the address.
-
-    Each node is shaped by its ``cpu_count``/``gpu_count``/``memory_gb`` (GPUs are logical
-    here), carries its ``grid.node`` label and declares its lendable share as lend tokens.
-    ``RAY_ADDRESS`` points at the cluster while the context is open, and every node
-    process is stopped when it closes.
-    """
-    with LocalCluster(spec, tmp_dir=tmp_dir, fast_health_check=fast_health_check,
-                      connect_driver=connect_driver) as cluster:
-        yield cluster.address
