@@ -302,7 +302,8 @@ def soak_grid(spec_data: dict, log_dir: Path) -> Iterator[tuple[object, object]]
 def _ray_view_problems(spec, nodes_raw: list[dict], available: dict[str, dict], table: dict) -> list[str]:
     """Lend tokens as Ray sees them: none used beyond a lender's total, every total equal to the
     share (also after the restart), and the grid groups placed on a lender within its total."""
-    from grid_flows.core.models import PLACEMENT_GROUP_PREFIX
+    from grid_flows.adapters.ray.tokens import node_tokens
+    from grid_flows.core.ledger import PLACEMENT_GROUP_PREFIX
     from grid_flows.adapters.ray.cluster import NODE_LABEL
 
     problems = []
@@ -317,7 +318,7 @@ def _ray_view_problems(spec, nodes_raw: list[dict], available: dict[str, dict], 
                 if key.startswith("grid.lend."):
                     placed.setdefault(node, Counter())[key] += amount
     for lender in spec.lenders():
-        tokens = lender.ray_resources()
+        tokens = node_tokens(lender)
         for n in nodes_raw:
             if (n.get("Labels") or {}).get(NODE_LABEL) != lender.name or not n.get("Alive"):
                 continue

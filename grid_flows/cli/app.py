@@ -128,6 +128,7 @@ def boost_request(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPUs to borrow."),
     memory: Optional[str] = typer.Option(None, "--memory",
                                          help="Memory with a unit, e.g. 4GiB or 512MiB (at least 1 MiB)."),
+    # A str, not a typer Enum: typer reports a bad choice in a multi-line usage box; here it is one line, as for any bad input.
     priority: str = typer.Option("normal", "--priority", help="low, normal, high or critical."),
     duration: Optional[str] = typer.Option(None, "--duration", help="Seconds or e.g. 30m; default from the cluster."),
     source: Optional[str] = typer.Option(None, "--source", help="Lender to borrow from; default: the roomiest."),

@@ -28,6 +28,7 @@ from typing import Iterable
 from grid_flows.core import ledger
 from grid_flows import errors
 from grid_flows.adapters.ray import cluster as rc
+from grid_flows.adapters.ray.tokens import bundle
 from grid_flows.core.ledger import Event
 from grid_flows.core.models import (
     Boost, BoostState, ClusterSpec, NodeSpec, Priority, Resources, SharingMode, utcnow,
@@ -292,7 +293,7 @@ def _preempt_and_grant(
         # Grace: tasks running in a victim get time to finish; their runners stop routing now.
         deadline = time.monotonic() + sharing.grace_seconds
         while time.monotonic() < deadline and not all(
-            rc.group_idle(v.placement_group_id, v.resources.bundle()) for v in victims if v.placement_group_id
+            rc.group_idle(v.placement_group_id, bundle(v.resources)) for v in victims if v.placement_group_id
         ):
             time.sleep(0.1)  # polling Ray's view of the groups, bounded by the grace period
         for victim in victims:
@@ -498,7 +499,7 @@ def _drain(boost: Boost, seconds: float) -> None:
 
     deadline = time.monotonic() + seconds
     # Polling Ray's view of the group, bounded by ``seconds``.
-    while time.monotonic() < deadline and not rc.group_idle(boost.placement_group_id, boost.resources.bundle()):
+    while time.monotonic() < deadline and not rc.group_idle(boost.placement_group_id, bundle(boost.resources)):
         time.sleep(0.1)
 
 

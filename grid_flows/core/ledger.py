@@ -23,8 +23,10 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Iterable
 
-from grid_flows.core.models import PLACEMENT_GROUP_PREFIX, Boost, BoostState, ClusterSpec, Priority, Resources
+from grid_flows.core.models import Boost, BoostState, ClusterSpec, Priority, Resources
 from grid_flows.errors import IllegalTransition, InvariantViolation
+
+PLACEMENT_GROUP_PREFIX = "grid-boost-"  # a boost's group is named after it: reconcile pairs them by name
 
 
 class Event(str, Enum):

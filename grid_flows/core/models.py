@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from datetime import datetime, timezone
 from enum import Enum
@@ -36,12 +35,6 @@ from pydantic import (
 from grid_flows.core.units import check_amount, format_amount, format_bytes, parse_memory
 from grid_flows.errors import UnknownNode
 
-# Custom Ray resources that carry a node's lendable share (docs/architecture.md, "Lend tokens").
-# Ray wants whole numbers at node start, so CPU and GPU are in thousandths, memory in MiB.
-LEND_CPU = "grid.lend.CPU_milli"
-LEND_GPU = "grid.lend.GPU_milli"
-LEND_MEMORY = "grid.lend.memory_MiB"
-PLACEMENT_GROUP_PREFIX = "grid-boost-"
 MAX_BOOST_SECONDS = 7 * 24 * 3600
 _MIB = 1024**2
 _GIB = 1024**3
@@ -143,28 +136,6 @@ class Resources(BaseModel):
         if self.memory:
             parts.append(format_bytes(self.memory))
         return ", ".join(parts) or "nothing"
-
-    def lend_tokens(self) -> dict[str, float]:
-        """The lend-token amounts a boost bundle holding these resources must carry."""
-        tokens = {
-            LEND_CPU: math.ceil(round(self.cpu * 1000, 6)),
-            LEND_GPU: math.ceil(round(self.gpu * 1000, 6)),
-            LEND_MEMORY: math.ceil(self.memory / _MIB),
-        }
-        return {k: float(v) for k, v in tokens.items() if v}
-
-    def bundle(self) -> dict[str, float]:
-        """A Ray placement-group bundle: the raw resources plus the matching lend tokens."""
-        raw = {"CPU": self.cpu, "GPU": self.gpu, "memory": float(self.memory)}
-        return {**{k: v for k, v in raw.items() if v}, **self.lend_tokens()}
-
-    @classmethod
-    def from_lend_tokens(cls, tokens: dict[str, float]) -> "Resources":
-        return cls(
-            cpu=tokens.get(LEND_CPU, 0) / 1000,
-            gpu=tokens.get(LEND_GPU, 0) / 1000,
-            memory=int(tokens.get(LEND_MEMORY, 0)) * _MIB,
-        )
 
 
 class Priority(str, Enum):
@@ -384,10 +355,6 @@ class NodeSpec(Strict):
     @property
     def share(self) -> Resources:
         return self.resource_sharing.share
-
-    def ray_resources(self) -> dict[str, float]:
-        """Custom resources to declare at node start: the lendable share as lend tokens."""
-        return self.share.lend_tokens()
 
 
 class Threshold(Strict):

@@ -61,10 +61,7 @@ class PreemptionPlan:
     @property
     def freed(self) -> Resources:
         """What preempting the victims gives back to the lender."""
-        total = Resources()
-        for victim in self.victims:
-            total = total + victim.resources
-        return total
+        return sum((victim.resources for victim in self.victims), Resources())
 
 
 def plan_preemption(
@@ -210,10 +207,7 @@ def _pick_victims(request: Resources, free: Resources, candidates: list[Boost]) 
 
 
 def _total(free: Resources, boosts: Sequence[Boost]) -> Resources:
-    total = free
-    for b in boosts:
-        total = total + b.resources
-    return total
+    return sum((b.resources for b in boosts), free)
 
 
 def _describe_plan(lender: str, victims: tuple[Boost, ...], request: Resources) -> str:

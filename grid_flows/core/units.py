@@ -1,5 +1,9 @@
 """Parse and format the quantities users type: memory sizes, durations, amounts.
 
+Why not pydantic's ``ByteSize`` and ``humanize``: ``ByteSize`` reads a unitless string
+as bytes (``"8"`` is refused here: the seed CLI meant gigabytes) and refuses ``"1e3MiB"``;
+``humanize`` writes "29 minutes", too wide for the boost table's columns; neither parses "30m".
+
 Example:
     >>> parse_memory("4GiB")
     4294967296

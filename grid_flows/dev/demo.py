@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 console = Console(width=None if sys.stdout.isatty() else 120)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # grid_flows/dev/demo.py -> the repository
 
 
 def step(text: str) -> None:
@@ -137,5 +137,10 @@ if __name__ == "__main__":
     # Run the imported module, not __main__: Ray pickles __main__'s functions by value,
     # dragging the console (and its lock) along; grid_flows.dev.demo is pickled by reference.
     from grid_flows.dev.demo import main as demo_main
+    from grid_flows.errors import GridError
 
-    sys.exit(demo_main())
+    try:
+        sys.exit(demo_main())
+    except GridError as exc:  # e.g. a cluster file that cannot be read: one line, no traceback
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -88,13 +87,9 @@ def local_prefect_server(
 
 
 def stop_process_group(proc: subprocess.Popen, timeout_seconds: float = 15) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_seconds)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+    """Stop ``proc`` and everything it started: SIGTERM, then SIGKILL after ``timeout_seconds``."""
+    from grid_flows.adapters.host.processes import ProcessTree
+
+    if proc.poll() is None:
+        ProcessTree().track(proc.pid).kill(timeout_seconds, child=proc)
+    proc.wait(timeout=5)

@@ -19,20 +19,31 @@ from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
 from grid_flows.control import boosts
 from grid_flows.core.ledger import PENDING_TIMEOUT_SECONDS
+from grid_flows.core.models import Priority
 from grid_flows.adapters.prefect.store import BoostStore
 
 
 @flow(name="grid-request-boost", log_prints=False)
 def request_boost_flow(
     target: str,
-    cpu: StrictFloat = 0,
-    gpu: StrictFloat = 0,
+    cpu: Annotated[StrictFloat, Field(ge=0)] = 0,
+    gpu: Annotated[StrictFloat, Field(ge=0)] = 0,
     memory: Optional[Union[StrictStr, StrictInt]] = None,
-    priority: str = "normal",
+    priority: Priority = Priority.normal,
     duration: Optional[Union[StrictStr, StrictFloat]] = None,
     source: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Lease capacity of a lender to ``target``; returns the boost as a dict."""
+    """Lease capacity of a lender to ``target``; returns the boost as a dict.
+
+    Args:
+        target: the node whose flows use the capacity.
+        cpu: CPUs to borrow, e.g. 2 or 0.5.
+        gpu: GPUs to borrow.
+        memory: bytes, or a size such as "4GiB".
+        priority: a higher priority may preempt lower ones when no lender has room.
+        duration: seconds, or such as "30m"; empty: the cluster's default.
+        source: the lender; empty: the one with the most room.
+    """
     boost = boosts.request(
         target, cpu=cpu, gpu=gpu, memory=memory, priority=priority, duration=duration, source=source
     )

@@ -55,19 +55,21 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union, get_args
 
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled
-from pydantic import StrictFloat, StrictInt, StrictStr
+from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
-from grid_flows.core.models import Resources
+from grid_flows.core.models import Priority, Resources
+from grid_flows.core.placement import Strategy
 from grid_flows.adapters.ray.cluster import NODE_LABEL
 from grid_flows.errors import GridError, InvalidRequest, NoCapacity
 from grid_flows.errors import OffloadFailed
 
 OUTPUT_LOGGER = "prefect.flow_runs.offload"
-USE_BOOST = ("auto", "always", "never")
+UseBoost = Literal["auto", "always", "never"]
+USE_BOOST = get_args(UseBoost)
 TIMEOUT_EXIT_CODE = 124  # as coreutils' timeout(1)
 _CANCEL_POLL_SECONDS = 1.0
 
@@ -240,16 +242,16 @@ def _failed_state_on_grid_error(fn):
 def offload(
     command: List[str],
     node: Optional[str] = None,
-    cpu: StrictFloat = 1,
-    gpu: StrictFloat = 0,
-    memory: Optional[Union[StrictStr, StrictInt]] = None,
-    priority: str = "normal",
-    timeout_seconds: Optional[StrictFloat] = None,
+    cpu: Annotated[StrictFloat, Field(ge=0)] = 1,
+    gpu: Annotated[StrictFloat, Field(ge=0)] = 0,
+    memory: Annotated[Optional[Union[StrictStr, StrictInt]], Field(description="bytes, or a size such as '4GiB'")] = None,
+    priority: Priority = Priority.normal,
+    timeout_seconds: Annotated[Optional[StrictFloat], Field(gt=0)] = None,
     cwd: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
-    strategy: str = "local_first",
-    use_boost: str = "auto",
-    grace_seconds: StrictFloat = 5.0,
+    strategy: Strategy = Strategy.local_first,
+    use_boost: UseBoost = "auto",
+    grace_seconds: Annotated[StrictFloat, Field(ge=0)] = 5.0,
     boost_duration: Optional[Union[StrictStr, StrictFloat]] = None,
     secret_env: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
@@ -273,6 +275,7 @@ def offload(
     from grid_flows.adapters.prefect.store import BoostStore
 
     log = _output_logger()
+    priority, strategy = Priority(priority).value, Strategy(strategy).value  # plain names from here on
     argv, env, secret_env, resources = check_request(
         command, env, secret_env, cpu=cpu, gpu=gpu, memory=memory, use_boost=use_boost,
         timeout_seconds=timeout_seconds, cwd=cwd, priority=priority)

@@ -113,8 +113,9 @@ def test_a_boost_requested_by_a_flow_names_its_flow_run(grid):
     assert re.fullmatch(r"flow run \S+ \([0-9a-f-]{36}\)", boost.requested_by), boost.requested_by
 
 
-@pytest.mark.parametrize("params", [dict(cpu=True), dict(cpu=1, duration=True), dict(cpu=1, memory=True)])
-def test_flow_parameters_refuse_booleans(grid, params):
+@pytest.mark.parametrize("params", [dict(cpu=True), dict(cpu=1, duration=True), dict(cpu=1, memory=True),
+                                    dict(cpu=-1.0), dict(cpu=1, priority="urgent")])
+def test_flow_parameters_refuse_booleans_negative_amounts_and_unknown_choices(grid, params):
     from prefect.exceptions import ParameterTypeError
 
     from grid_flows.flows.lifecycle import request_boost_flow
@@ -143,8 +144,10 @@ def test_a_successful_command_prints_no_event_flush_noise(grid):
         assert "Still processing items" not in output
 
 
-@pytest.mark.parametrize("params", [dict(cpu=True), dict(gpu=True), dict(timeout_seconds=True), dict(memory=True)])
-def test_the_offload_flow_refuses_booleans(grid, params):
+@pytest.mark.parametrize("params", [dict(cpu=True), dict(gpu=True), dict(timeout_seconds=True), dict(memory=True),
+                                    dict(gpu=-1.0), dict(timeout_seconds=0.0), dict(priority="urgent"),
+                                    dict(strategy="fastest"), dict(use_boost="sometimes")])
+def test_the_offload_flow_refuses_booleans_bad_numbers_and_unknown_choices(grid, params):
     from prefect.exceptions import ParameterTypeError
 
     from grid_flows.flows.offload import offload

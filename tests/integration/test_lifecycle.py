@@ -18,6 +18,7 @@ from grid_flows.core.ledger import new_boost
 from grid_flows.core.models import BoostState, Priority, Resources, utcnow
 from grid_flows.errors import InvalidRequest
 from grid_flows.adapters.prefect.store import BoostStore
+from grid_flows.adapters.ray.tokens import bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -142,7 +143,7 @@ def test_preemption_gives_running_tasks_their_grace(grid):
     strategy = PlacementGroupSchedulingStrategy(rc.group_handle(low.placement_group_id), 0)
     job = short_job.options(scheduling_strategy=strategy).remote()
     deadline = time.monotonic() + 30
-    while rc.group_idle(low.placement_group_id, low.resources.bundle()) and time.monotonic() < deadline:
+    while rc.group_idle(low.placement_group_id, bundle(low.resources)) and time.monotonic() < deadline:
         time.sleep(0.05)  # until the job holds its CPU in the group
     started = time.monotonic()
     high = request_boost("gpu-master", cpu=2, source="gpu1", priority="critical")

@@ -16,7 +16,8 @@ from prefect import flow, task
 
 from grid_flows import BoostRayTaskRunner, boosted, list_boosts, requires
 from grid_flows.adapters.ray import cluster as rc
-from grid_flows.core.models import LEND_CPU, BoostState
+from grid_flows.adapters.ray.tokens import LEND_CPU
+from grid_flows.core.models import BoostState
 from grid_flows.adapters.ray.cluster import NODE_LABEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -14,6 +14,7 @@ from grid_flows.adapters.ray import cluster as rc
 from grid_flows.adapters.ray import local_cluster
 from grid_flows.core.cluster_file import parse_cluster
 from grid_flows.core.models import BoostState
+from grid_flows.adapters.ray.tokens import bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -56,7 +57,7 @@ def test_a_dead_lender_loses_its_boost_and_the_flow_finishes_on_the_target(lossy
     boost = None
     while time.monotonic() < deadline:
         live = list_boosts()
-        if live and not rc.group_idle(live[0].placement_group_id, live[0].resources.bundle()):
+        if live and not rc.group_idle(live[0].placement_group_id, bundle(live[0].resources)):
             boost = live[0]
             break
         time.sleep(0.05)  # until a task runs inside the boost

@@ -168,3 +168,9 @@ def test_the_collections_entry_point_registers_every_block_type():
     slugs = {v.get_block_type_slug() for v in vars(module).values()
              if isinstance(v, type) and issubclass(v, Block) and v.__module__.startswith("grid_flows")}
     assert slugs == {"grid-cluster", "grid-boost", "grid-boost-history", "grid-metrics-history"}
+
+
+def test_the_demo_finds_the_repositorys_cluster_file():
+    from grid_flows.dev.demo import REPO
+
+    assert (REPO / "blocks" / "cluster.yaml").is_file() and (REPO / "pyproject.toml").is_file()

@@ -16,7 +16,8 @@ from grid_flows.core.ledger import (
     placement_group_name, transition,
 )
 from grid_flows.errors import IllegalTransition, InvariantViolation
-from grid_flows.core.models import PLACEMENT_GROUP_PREFIX, BoostState, Resources
+from grid_flows.core.ledger import PLACEMENT_GROUP_PREFIX
+from grid_flows.core.models import BoostState, Resources
 from grid_flows.errors import GridError
 
 from tests.factories import DURATION, GIB, T0, T1, T2, in_state, pending

@@ -15,7 +15,7 @@ import grid_flows.core.models as models_module
 from grid_flows.core.cluster_file import load_cluster_file, parse_cluster
 from grid_flows.errors import InvalidClusterFile
 from grid_flows.core.models import (
-    LEND_CPU, LEND_GPU, LEND_MEMORY, BoostState, ClusterSpec, NodeRole, Priority, ResourceMode, Resources,
+    BoostState, ClusterSpec, NodeRole, Priority, ResourceMode, Resources,
     SharingMode, SharingPolicy,
 )
 from grid_flows.errors import InvalidRequest, UnknownNode
@@ -175,65 +175,6 @@ def test_is_zero():
     assert not Resources(gpu=0.001).is_zero()
 
 
-# --- Resources: lend tokens and bundles -----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "r, expected",
-    [
-        (Resources(cpu=2, gpu=1, memory=4 * GIB), {LEND_CPU: 2000.0, LEND_GPU: 1000.0, LEND_MEMORY: 4096.0}),
-        (Resources(cpu=0.1), {LEND_CPU: 100.0}),  # 0.1*1000 float noise does not round up to 101
-        (Resources(cpu=0.3, gpu=0.7), {LEND_CPU: 300.0, LEND_GPU: 700.0}),
-        (Resources(cpu=1.1), {LEND_CPU: 1100.0}),
-        (Resources(cpu=4.03, gpu=2.007), {LEND_CPU: 4030.0, LEND_GPU: 2007.0}),  # x*1000 is just above a whole
-        (Resources(cpu=0.0015), {LEND_CPU: 2.0}),  # fractions of a unit round up
-        (Resources(memory=1), {LEND_MEMORY: 1.0}),
-        (Resources(memory=MIB), {LEND_MEMORY: 1.0}),
-        (Resources(memory=MIB + 1), {LEND_MEMORY: 2.0}),
-        (Resources(), {}),  # zero amounts are left out
-    ],
-)
-def test_lend_tokens_are_whole_units_rounded_up(r, expected):
-    tokens = r.lend_tokens()
-    assert tokens == expected
-    assert all(float(v).is_integer() and v > 0 for v in tokens.values())
-    # never fewer tokens than the resources they stand for
-    assert r.fits_in(Resources.from_lend_tokens(tokens))
-
-
-@pytest.mark.parametrize(
-    "r",
-    [
-        Resources(cpu=2, gpu=1, memory=4 * GIB),
-        Resources(cpu=2.5, gpu=0.25, memory=1536 * MIB),
-        Resources(cpu=0.001),
-        Resources(gpu=0.125),
-        Resources(memory=7 * MIB),
-        Resources(),
-    ],
-)
-def test_from_lend_tokens_round_trips_whole_units(r):
-    assert Resources.from_lend_tokens(r.lend_tokens()) == r
-
-
-def test_bundle_holds_raw_resources_and_lend_tokens():
-    bundle = Resources(cpu=2, gpu=1, memory=4 * GIB).bundle()
-    assert bundle == {
-        "CPU": 2.0,
-        "GPU": 1.0,
-        "memory": float(4 * GIB),
-        LEND_CPU: 2000.0,
-        LEND_GPU: 1000.0,
-        LEND_MEMORY: 4096.0,
-    }
-
-
-def test_bundle_leaves_out_zero_amounts():
-    bundle = Resources(cpu=2).bundle()
-    assert bundle == {"CPU": 2.0, LEND_CPU: 2000.0}
-    assert Resources().bundle() == {}
-
-
 # --- enums ----------------------------------------------------------------------------
 
 
@@ -276,7 +217,6 @@ def test_shipped_cluster_yaml_loads():
     assert spec.node("gpu2").share == Resources(cpu=1, memory=2 * GIB)
     assert spec.head.share == Resources()
     assert spec.node("gpu1").size == Resources(cpu=4, gpu=1, memory=8 * GIB)
-    assert spec.node("gpu1").ray_resources() == {LEND_CPU: 2000.0, LEND_GPU: 1000.0, LEND_MEMORY: 4096.0}
     assert spec.node("gpu1").mode is ResourceMode.conservative
     assert spec.head.mode is ResourceMode.aggressive
     assert spec.resource_sharing.mode is SharingMode.share_and_offload
@@ -310,7 +250,6 @@ def test_can_share_false_means_no_share_whatever_the_numbers():
                    {"name": "w", "cpu_count": 4, "resource_sharing": {"can_share": False, "max_share_cpu": 2}}]}
     )
     assert spec.node("w").share == Resources()
-    assert spec.node("w").ray_resources() == {}
 
 
 # --- invalid cluster definitions: one line per problem, naming the field ---------------

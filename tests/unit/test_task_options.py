@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from grid_flows.core.models import LEND_CPU, Resources
+from grid_flows.adapters.ray.tokens import LEND_CPU
+from grid_flows.core.models import Resources
 from grid_flows.adapters.ray.cluster import NODE_LABEL
 from grid_flows.adapters.ray.cluster import task_options
 from grid_flows.core.placement import PlacementKind

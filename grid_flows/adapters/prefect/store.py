@@ -407,7 +407,4 @@ BOOST_COLUMNS = ("State", "Time left", "Boost", "Source → Target", "CPU", "GPU
 
 
 def _totals(boosts: Iterable[Boost]) -> str:
-    total = Resources()
-    for b in boosts:
-        total = total + b.resources
-    return total.describe()
+    return sum((b.resources for b in boosts), Resources()).describe()

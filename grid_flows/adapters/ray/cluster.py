@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from grid_flows.adapters.prefect.settings import RAY_NAMESPACE, GridSettings, ray_address
-from grid_flows.core.models import PLACEMENT_GROUP_PREFIX, NodeSpec, Resources
+from grid_flows.adapters.ray.tokens import bundle, from_lend_tokens, lend_tokens, node_tokens
+from grid_flows.core.ledger import PLACEMENT_GROUP_PREFIX
+from grid_flows.core.models import NodeSpec, Resources
 from grid_flows.errors import LedgerBusy, RayUnavailable
 
 logger = logging.getLogger("grid_flows.adapters.ray.cluster")
@@ -126,11 +128,11 @@ class NodeInfo:
 
     @property
     def lendable_total(self) -> Resources:
-        return Resources.from_lend_tokens(self.total)
+        return from_lend_tokens(self.total)
 
     @property
     def lendable_free(self) -> Resources:
-        return Resources.from_lend_tokens(self.available)
+        return from_lend_tokens(self.available)
 
     @property
     def free(self) -> Resources:
@@ -260,7 +262,7 @@ def task_options(kind, need: Resources, node: str | None, *, group=None, labelle
     elif labelled:
         options["label_selector"] = {NODE_LABEL: node}
         if kind is PlacementKind.offload:
-            options["resources"] = need.lend_tokens()  # Ray keeps it within the lender's share
+            options["resources"] = lend_tokens(need)  # Ray keeps it within the lender's share
             options["max_retries"] = 0
     return options
 
@@ -274,7 +276,7 @@ def start_boost_group(name: str, source: str, resources: Resources):
     from ray.util import placement_group
 
     return placement_group(
-        [resources.bundle()],
+        [bundle(resources)],
         name=name,
         lifetime="detached",
         bundle_label_selector=[{NODE_LABEL: source}],
@@ -380,7 +382,7 @@ def ray_start_args(node: NodeSpec, head_address: str | None = None) -> list[str]
         f"--memory={int(node.size.memory)}",
         f"--labels={json.dumps({NODE_LABEL: node.name}, separators=(',', ':'))}",
     ]
-    tokens = node.ray_resources()
+    tokens = node_tokens(node)
     if tokens:
         args.append(f"--resources={json.dumps({k: int(v) for k, v in tokens.items()}, separators=(',', ':'))}")
     return args

@@ -19,6 +19,7 @@ import tempfile
 from typing import Iterator
 
 from grid_flows.adapters.ray.cluster import NODE_LABEL, connect, quiet_ray_environment
+from grid_flows.adapters.ray.tokens import node_tokens
 from grid_flows.core.models import ClusterSpec, NodeSpec
 from grid_flows.errors import GridError
 
@@ -114,7 +115,7 @@ class LocalCluster:
             num_cpus=node.cpu_count,
             num_gpus=node.gpu_count,
             memory=int(node.size.memory),
-            resources={k: int(v) for k, v in node.ray_resources().items()},
+            resources={k: int(v) for k, v in node_tokens(node).items()},
             labels={NODE_LABEL: node.name},
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
         )
