@@ -201,6 +201,8 @@ STEP="5 boost released"
 "$PY" scripts/e2e_verify.py released --example "$WORK/example.json" --status "$WORK/status-after-example.json"
 STEP="5 expire flow ran on schedule"
 "$PY" scripts/e2e_verify.py expire-ran --timeout 120
+STEP="5 rebalance samples every node on its schedule"
+"$PY" scripts/e2e_verify.py rebalance-sampled gpu-master gpu1 gpu2 --timeout 180
 
 # ---------------------------------------------------------------------------------------
 step "6 prefect server restart with a live boost"

@@ -5,6 +5,7 @@ Each subcommand prints what it saw and exits non-zero with a one-line reason on 
     run-example --out FILE                 run the boosted-example deployment; check its tasks
     released --example FILE --status FILE  the example's boost was released
     expire-ran [--timeout S]               the grid-expire deployment has completed scheduled runs
+    rebalance-sampled NODE... [--timeout S] two scheduled grid-rebalance runs completed; every node's sample is fresh
     active ID --status FILE                boost ID is listed active
     released-id ID --status FILE           boost ID is released
 """
@@ -138,6 +139,38 @@ async def _expire_ran(timeout: float) -> None:
         check(bool(auto), "grid-expire runs completed, but none was created by its schedule")
 
 
+async def _rebalance_sampled(nodes: list[str], timeout: float, fresh_seconds: float = 90) -> None:
+    """The scheduled grid-rebalance runs sample every node: after two completed runs, the
+    metrics history holds a sample of each node at most ``fresh_seconds`` old."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from grid_flows.adapters.prefect.metrics_store import load_history
+    from grid_flows.core.models import utcnow
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("grid-rebalance/grid-rebalance")
+        while True:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["grid-rebalance"])))
+            runs = [r for r in runs if r.deployment_id == deployment.id and r.state and r.state.is_final()]
+            completed = [r for r in runs if r.state.is_completed() and r.auto_scheduled]
+            now = utcnow()
+            history = await asyncio.to_thread(load_history, now=now)
+            ages = {n: (now - s.at).total_seconds() if (s := history.latest(n)) else None for n in nodes}
+            fresh = all(a is not None and a <= fresh_seconds for a in ages.values())
+            if (len(completed) >= 2 and fresh) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(3)
+    states = [f"{r.state.type.value}" + (f" ({r.state.message[:80]})" if r.state.message else "") for r in runs]
+    print(f"  grid-rebalance: {len(runs)} finished runs: {'; '.join(states)}")
+    print("  newest sample age per node: " + ", ".join(f"{n} {a:.0f} s" if a is not None else f"{n} none"
+                                                       for n, a in ages.items()))
+    check(len(completed) >= 2, f"fewer than two scheduled grid-rebalance runs completed within {timeout:.0f} s")
+    check(fresh, f"not every node has a sample fresher than {fresh_seconds:.0f} s: {ages}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -145,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run-example"); p.add_argument("--out", required=True)
     p = sub.add_parser("released"); p.add_argument("--example", required=True); p.add_argument("--status", required=True)
     p = sub.add_parser("expire-ran"); p.add_argument("--timeout", type=float, default=120)
+    p = sub.add_parser("rebalance-sampled"); p.add_argument("nodes", nargs="+"); p.add_argument("--timeout", type=float, default=180)
     for name in ("active", "released-id"):
         p = sub.add_parser(name); p.add_argument("boost_id"); p.add_argument("--status", required=True)
     args = parser.parse_args(argv)
@@ -157,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             released(args.example, args.status)
         elif args.cmd == "expire-ran":
             asyncio.run(_expire_ran(args.timeout))
+        elif args.cmd == "rebalance-sampled":
+            asyncio.run(_rebalance_sampled(args.nodes, args.timeout))
         elif args.cmd == "active":
             active(args.boost_id, args.status)
         elif args.cmd == "released-id":

@@ -32,7 +32,7 @@ from typing import Optional, Union
 from grid_flows.core.models import Resources
 from grid_flows.core.offload_index import OffloadIndex
 from grid_flows.core.placement import (
-    BoostView, ClusterView, NodeView, Placement, PlacementKind, Requirement, Strategy, place,
+    BoostView, ClusterView, NodeView, Placement, PlacementKind, Pressure, Requirement, Strategy, place,
 )
 
 _SORT_KEY = operator.attrgetter("sort_key")  # plain tuples: sorting compares in C
@@ -147,6 +147,7 @@ class Dispatcher:
         self.used: dict[str, Resources] = {name: Resources() for name in self.budget}
         self.node_in_flight: Counter = Counter()
         self.target_busy = ""  # dynamic_balancing: why the metrics call the target busy ("" = not)
+        self.pressure: dict[str, Pressure] = {}  # from the metrics history; a node without one reads as calm
         self.queue: list[Task] = []
         self.in_flight: dict[int, Flight] = {}
         self.boosts: dict[str, BoostUse] = {}
@@ -164,6 +165,7 @@ class Dispatcher:
             alive=self.alive.get(name, False),
             free=free if name == self.target else Resources(),
             lendable_free=free if name != self.target else Resources(),
+            pressure=self.pressure.get(name, Pressure()),
             in_flight=self.node_in_flight[name],
         )
 
@@ -304,6 +306,13 @@ class Dispatcher:
                      if f.node == name and f.kind is PlacementKind.offload and k not in self.stranded)
         self.stranded.update(keys)
         return [Cancel(keys)] if keys else []
+
+    def set_pressures(self, pressures: dict[str, Pressure]) -> None:
+        """The nodes' pressures as the metrics history last saw them (load_balanced ranks by them)."""
+        changed = set(self.pressure) | set(pressures)
+        self.pressure = dict(pressures)
+        for name in changed:
+            self._node_changed(name)
 
     def node_up(self, name: str) -> None:
         if not self.alive.get(name):

@@ -10,9 +10,7 @@ Example:
     from grid_flows.core.offload_index import OffloadIndex
     from grid_flows.core.placement import place
 
-    index = OffloadIndex(view.target)
-    for node in view.nodes.values():
-        index.update(node)
+    index = OffloadIndex.from_view(view)
     placement = place(requirement, view, boosts=[], strategy="best_fit", index=index)
     ```
 """
@@ -84,6 +82,7 @@ class OffloadIndex:
     (O(log n) plus a short list shift), ``remove`` one that left the view.
 
     >>> from grid_flows.core.models import Resources
+    >>> from grid_flows.core.placement import Requirement, place
     >>> view = ClusterView(target="head", nodes={
     ...     "head": NodeView("head"),
     ...     "w1": NodeView("w1", lendable_free=Resources(cpu=4), in_flight=2),

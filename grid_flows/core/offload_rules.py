@@ -253,15 +253,19 @@ def offload_command(argv: Sequence[str], node: Optional[str], resources: Resourc
 
 
 def cluster_view(spec, nodes: Mapping[str, Any], target: str, *, exclude_target: bool = False,
-                 only: Optional[Iterable[str]] = None):
+                 only: Optional[Iterable[str]] = None, pressures: Optional[Mapping[str, Any]] = None):
     """A scheduler ClusterView from the cluster spec and ``ray_cluster.grid_nodes()``.
 
     The target offers its free raw capacity (none when ``exclude_target``: a scan looks
     for somewhere else); every other node offers only its free lendable share. With
     ``only``, nodes outside it are no candidates: the target offers nothing and the
-    others are left out of the view.
+    others are left out of the view. ``pressures`` (:func:`grid_flows.core.policy.placement_pressures`)
+    lets strategies that rank by pressure see it; a node without one reads as calm.
     """
-    from grid_flows.core.placement import ClusterView, NodeView
+    from grid_flows.core.placement import ClusterView, NodeView, Pressure
+
+    def pressure_of(name: str) -> Pressure:
+        return (pressures or {}).get(name) or Pressure()
 
     views = {}
     lenders = {n.name for n in spec.lenders()}
@@ -272,10 +276,10 @@ def cluster_view(spec, nodes: Mapping[str, Any], target: str, *, exclude_target:
         out = allowed is not None and n.name not in allowed
         if n.name == target:
             free = Resources() if (exclude_target or out or not alive) else info.free
-            views[n.name] = NodeView(n.name, alive=alive, free=free)
+            views[n.name] = NodeView(n.name, alive=alive, free=free, pressure=pressure_of(n.name))
         elif not out:
             lendable = info.lendable_free if (alive and n.name in lenders) else Resources()
-            views[n.name] = NodeView(n.name, alive=alive, lendable_free=lendable)
+            views[n.name] = NodeView(n.name, alive=alive, lendable_free=lendable, pressure=pressure_of(n.name))
     return ClusterView(target=target, nodes=views, allow_offload=spec.resource_sharing.enabled)
 
 

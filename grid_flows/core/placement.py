@@ -18,9 +18,6 @@ cannot take the task, or when ``target_busy`` says the target is under pressure
 
 Example:
     >>> from grid_flows.core.models import Resources
-
-if TYPE_CHECKING:  # place() takes an index; the index module builds on this one
-    from grid_flows.core.offload_index import OffloadIndex
     >>> view = ClusterView(target="gpu-master", nodes={
     ...     "gpu-master": NodeView("gpu-master", free=Resources(cpu=1)),
     ...     "gpu1": NodeView("gpu1", lendable_free=Resources(cpu=4)),
@@ -44,6 +41,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 from grid_flows.core.models import Resources
+from grid_flows.core.pressure import weighted_total
 
 if TYPE_CHECKING:  # place() takes an index; the index module builds on this one
     from grid_flows.core.offload_index import OffloadIndex
@@ -104,11 +102,12 @@ class Pressure:
     cpu: float = 0.0
     memory: float = 0.0
     gpu: float = 0.0
+    has_gpu: bool = True  # False: the GPU's weight goes to CPU and memory (core.pressure.weighted_total)
 
     @property
     def score(self) -> float:
         """One number for ranking nodes; GPU weighs most because it is the scarcest."""
-        return 0.3 * self.cpu + 0.3 * self.memory + 0.4 * self.gpu
+        return weighted_total(self.cpu, self.memory, self.gpu, self.has_gpu)
 
 
 @dataclass(frozen=True)

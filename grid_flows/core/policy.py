@@ -50,6 +50,7 @@ from grid_flows.core.models import (
     Thresholds,
 )
 from grid_flows.core.ledger import held_by_lender
+from grid_flows.core.placement import Pressure
 from grid_flows.core.pressure import MetricsHistory, NodeSample, pressure_of, trend
 
 REBALANCE_ORIGIN = "rebalance"
@@ -115,6 +116,30 @@ def decide(
     if decisions:
         return decisions
     return [Decision("none", "", reason="; ".join(notes) or "all nodes between thresholds")]
+
+
+def placement_pressures(spec: ClusterSpec, history: MetricsHistory, now: datetime) -> dict[str, Pressure]:
+    """Each node's pressure as placement sees it, from its latest sample; a node whose latest
+    sample is stale (older than :func:`stale_after`) is left out and so reads as calm.
+
+    Example:
+        >>> from datetime import datetime, timezone
+        >>> spec = ClusterSpec.model_validate({"nodes": [{"name": "head", "role": "head"}]})
+        >>> t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+        >>> history = MetricsHistory()
+        >>> history.add(NodeSample("head", t0, 90, 50, 0))
+        >>> placement_pressures(spec, history, t0)["head"].score
+        0.7
+        >>> placement_pressures(spec, history, t0 + timedelta(minutes=5))
+        {}
+    """
+    out = {}
+    for node in spec.nodes:
+        latest = history.latest(node.name)
+        if latest is not None and now - latest.at <= stale_after(spec.resource_sharing):
+            s = pressure_of(latest)
+            out[node.name] = Pressure(s.cpu, s.memory, s.gpu, has_gpu=latest.has_gpu)
+    return out
 
 
 def stale_after(sharing: ClusterSharing) -> timedelta:

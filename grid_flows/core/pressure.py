@@ -115,15 +115,20 @@ def pressure_of(sample: NodeSample) -> PressureScores:
     """
     cpu = _unit(sample.cpu_percent / 100)
     memory = _unit(sample.memory_percent / 100 + SWAP_WEIGHT * sample.swap_percent / 100)
-    if sample.has_gpu:
-        gpu = _unit(max(sample.gpu_util_percent or 0.0, sample.gpu_memory_percent or 0.0) / 100)
-        weighted = CPU_WEIGHT * cpu + MEMORY_WEIGHT * memory + GPU_WEIGHT * gpu
-    else:
-        gpu = 0.0
-        weighted = 0.5 * cpu + 0.5 * memory
+    gpu = _unit(max(sample.gpu_util_percent or 0.0, sample.gpu_memory_percent or 0.0) / 100) if sample.has_gpu else 0.0
+    return PressureScores(cpu, memory, gpu, weighted_total(cpu, memory, gpu, sample.has_gpu))
+
+
+def weighted_total(cpu: float, memory: float, gpu: float, has_gpu: bool = True) -> float:
+    """One number for a node's pressure (the one place the weights are applied).
+
+    >>> weighted_total(1.0, 0.6, 1.0), weighted_total(1.0, 0.0, 0.0, has_gpu=False)
+    (0.88, 0.5)
+    """
+    weighted = CPU_WEIGHT * cpu + MEMORY_WEIGHT * memory + GPU_WEIGHT * gpu if has_gpu else 0.5 * cpu + 0.5 * memory
     # Rounding to 12 places hides float noise (0.45, not 0.45000000000000007) and,
     # being monotonic itself, keeps the total monotonic.
-    return PressureScores(cpu, memory, gpu, _unit(round(weighted, 12)))
+    return _unit(round(weighted, 12))
 
 
 _AVERAGED = tuple(f.name for f in fields(NodeSample) if f.name not in ("node", "at"))

@@ -126,9 +126,10 @@ def allowed_nodes(spec, argv: List[str], node: Optional[str] = None) -> List[str
 
 
 def choose(spec, nodes, resources: Resources, node: Optional[str], strategy: str,
-           allowed: Optional[List[str]] = None):
+           allowed: Optional[List[str]] = None, pressures: Optional[dict] = None):
     """The scheduler's placement for the command (pure given its inputs). With ``allowed``
-    (:func:`allowed_nodes`), other nodes are no candidates."""
+    (:func:`allowed_nodes`), other nodes are no candidates; ``pressures`` (:func:`_pressures`)
+    is what strategies that rank by pressure see."""
     import re
     from dataclasses import replace
 
@@ -140,7 +141,7 @@ def choose(spec, nodes, resources: Resources, node: Optional[str], strategy: str
         spec.node(node)  # UnknownNode with the known names
         strategy = Strategy.node_specific.value
         # Another node is used through its lendable share only, never its private capacity.
-    view = cluster_view(spec, nodes, target, only=allowed)
+    view = cluster_view(spec, nodes, target, only=allowed, pressures=pressures)
     placement = place(Requirement(resources, node), view, [], strategy)
     if allowed is not None and target not in allowed:  # the view offered nothing on the target: say why
         placement = replace(placement, reason=re.sub(
@@ -150,6 +151,20 @@ def choose(spec, nodes, resources: Resources, node: Optional[str], strategy: str
     if left_out and placement.node is None:
         placement = replace(placement, reason=f"{placement.reason}; not allowed to run it: {', '.join(left_out)}")
     return target, strategy, placement
+
+
+def _pressures(spec) -> dict:
+    """The nodes' pressure from the metrics history the rebalance flow keeps ({} when there is none)."""
+    from grid_flows.adapters.prefect.metrics_store import load_history
+    from grid_flows.core.models import utcnow
+    from grid_flows.core.policy import placement_pressures
+
+    now = utcnow()
+    try:
+        return placement_pressures(spec, load_history(now=now), now)
+    except Exception as exc:  # placing works without it: every node then reads as calm
+        get_run_logger().warning("could not read the nodes' pressure from the metrics history: %s", exc)
+        return {}
 
 
 def check_request(command: Any, env: Any = None, secret_env: Any = None, *, cpu: Any = 1, gpu: Any = 0,
@@ -284,7 +299,7 @@ def offload(
     allowed = allowed_nodes(spec, argv, node)
     env = {**env, **resolve_secrets(secret_env)}  # secret values: for the child only
     rc.connect()
-    target, strategy, placement = choose(spec, rc.grid_nodes(), resources, node, strategy, allowed)
+    target, strategy, placement = choose(spec, rc.grid_nodes(), resources, node, strategy, allowed, _pressures(spec))
     log.info("placement: %s on %s (confidence %.2f): %s", placement.kind.value, placement.node,
              placement.confidence, placement.reason)
 

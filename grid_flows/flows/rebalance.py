@@ -35,6 +35,7 @@ import math
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 from grid_flows.control import boosts
 from grid_flows.adapters.ray import cluster as rc
@@ -106,6 +107,11 @@ def rebalance(
         for reading in readings.values():
             if not reading.reachable:
                 logger.warning("%s is unreachable: %s", reading.node, reading.error)
+        if not any(r.reachable for r in readings.values()):
+            # Not "no rebalance needed": nothing was seen, so the run must not look like a calm one.
+            _publish_pressure(spec, collector, readings, [], [], now)
+            why = "; ".join(f"{r.node}: {r.error}" for r in readings.values())
+            return Failed(message=f"could sample no node, so nothing was judged ({why})")
         live = store.list()
         decisions = decide(spec, collector.history, live, now, idle_samples=idle_samples)
         outcomes = [_carry_out(store, spec, d, live, logger) for d in decisions]

@@ -343,22 +343,28 @@ class BoostRayTaskRunner(RayTaskRunner):
                     and utcnow() < boost.expires_at):
                 self.attach_boost(boost, shared=True)
 
-    def _check_target_pressure(self) -> None:
-        """dynamic_balancing: is the target busy by the metrics history? At most once per
-        monitoring interval; no history or stale samples mean "not busy"."""
+    def _refresh_pressure(self) -> None:
+        """The nodes' pressure from the metrics history (the rebalance flow records it), at most
+        once per monitoring interval: strategies that rank by pressure see it, and in
+        ``dynamic_balancing`` a busy target sends work to lent capacity first. No history or
+        stale samples read as calm."""
         sharing = self._spec.resource_sharing
         if time.monotonic() - self._busy_checked_at < sharing.monitoring_interval_seconds:
             return
         self._busy_checked_at = time.monotonic()
         from grid_flows.adapters.prefect.metrics_store import load_history
-        from grid_flows.core.policy import busy_reason
+        from grid_flows.core.policy import busy_reason, placement_pressures
 
         now = utcnow()
-        busy = busy_reason(self._spec, load_history(now=now), self.target, now)
-        if busy != self._state.target_busy:
-            with self._cond:
-                self._state.target_busy = busy
-                self._cond.notify_all()
+        history = load_history(now=now)
+        pressures = placement_pressures(self._spec, history, now)
+        busy = busy_reason(self._spec, history, self.target, now) \
+            if self._sharing_mode is SharingMode.dynamic_balancing else ""
+        with self._cond:
+            self._state.set_pressures(pressures)
+            changed, self._state.target_busy = busy != self._state.target_busy, busy
+            self._cond.notify_all()
+        if changed:
             self._say(logging.INFO, f"Target {self.target} is busy ({busy}): tasks move to lent capacity first"
                       if busy else f"Target {self.target} is no longer busy: tasks run there first again")
 
@@ -662,11 +668,11 @@ class BoostRayTaskRunner(RayTaskRunner):
                 self._adopt_new_node_boosts(store.list())
             except Exception as exc:
                 logger.warning("could not look for boosts granted to %s: %s", self.target, exc)
-        if self._spec is not None and self._sharing_mode is SharingMode.dynamic_balancing:
+        if self._spec is not None:
             try:
-                self._check_target_pressure()
+                self._refresh_pressure()
             except Exception as exc:
-                logger.warning("could not read the pressure of %s: %s", self.target, exc)
+                logger.warning("could not read the nodes' pressure from the metrics history: %s", exc)
 
     # -- what the UI shows -----------------------------------------------------------------
 
@@ -676,7 +682,9 @@ class BoostRayTaskRunner(RayTaskRunner):
         rows = []
         for key, count in sorted(self._counts.items()):
             kind, node = key.split(":", 1)
-            rows.append({"Placement": kind, "Node": node, "Tasks": count, "Strategy": self.strategy.value})
+            pressure = self._state.pressure.get(node)  # what the last placements saw ("-": no fresh sample)
+            rows.append({"Placement": kind, "Node": node, "Tasks": count, "Strategy": self.strategy.value,
+                         "Pressure": f"{pressure.score:.2f}" if pressure else "-"})
         description = (
             f"Where the tasks of flow run {self._flow_run_id} ran (strategy {self.strategy.value}). "
             "'boost' tasks ran inside a boost's placement group on the lender.\n\nExample reasons:\n"

@@ -232,3 +232,48 @@ def test_the_probe_runs_on_a_node_whose_cpus_are_all_reserved(grid):
         assert reading.reachable, reading.error
     finally:
         remove_placement_group(group)
+
+
+def test_a_round_that_samples_no_node_fails_and_says_why(grid, metrics, run):
+    for name in NODES:
+        metrics.drop(name)
+    state = run(return_state=True)
+    assert state.is_failed(), state
+    assert "could sample no node" in state.message and "gpu1" in state.message
+    assert list_boosts() == []
+
+
+PROBE_IN_A_NEW_PROCESS = """
+import json, sys, time
+from grid_flows.adapters.ray.metrics import RayProbeSource
+from grid_flows.core.models import utcnow
+nodes = sys.argv[1:]
+source = RayProbeSource(timeout_seconds=5)
+from grid_flows.adapters.ray import cluster as rc
+rc.connect()
+started = time.monotonic()
+readings = source.read(nodes, utcnow())
+print(json.dumps({"seconds": time.monotonic() - started,
+                  "errors": {n: r.error for n, r in readings.items() if not r.reachable}}))
+"""
+
+
+def test_a_new_process_samples_every_node_within_the_probe_timeout(grid):
+    # Each scheduled rebalance run is a new process; the probe actors it finds are warm.
+    import subprocess
+    import sys
+
+    import ray
+
+    from grid_flows.adapters.prefect.settings import RAY_NAMESPACE
+    from grid_flows.adapters.ray.metrics import PROBE_ACTOR_PREFIX
+
+    warm = RayProbeSource(timeout_seconds=90).read(list(NODES), utcnow())  # the first read may start them
+    assert all(r.reachable for r in warm.values()), {n: r.error for n, r in warm.items()}
+    for name in NODES:
+        assert ray.get_actor(f"{PROBE_ACTOR_PREFIX}{name}", namespace=RAY_NAMESPACE) is not None
+    out = subprocess.run([sys.executable, "-c", PROBE_IN_A_NEW_PROCESS, *NODES], env=grid.env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"] == {} and result["seconds"] < 5

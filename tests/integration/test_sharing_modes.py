@@ -7,6 +7,7 @@ The only fake is the node metrics of the dynamic_balancing test (one machine has
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -241,3 +242,26 @@ def test_a_gpu_task_the_head_cannot_run_is_offloaded_to_the_gpu_lender_under_its
         assert throttle.throttle_starts("gpu1") == 1  # and the GPU start went through gpu1's throttle
     finally:
         throttle.kill_throttle("gpu1")
+
+
+def test_load_balanced_offloads_to_the_calm_lender_and_the_placements_show_the_pressure(grid, tmp_path):
+    from prefect.artifacts import Artifact
+    from prefect.context import get_run_context
+
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    with metrics_history(busy_node="gpu1"):  # gpu1 at 95% CPU, gpu2 calm: equal before, pressure tells them apart
+
+        @flow(task_runner=BoostRayTaskRunner(strategy="load_balanced"))
+        def two_at_once() -> tuple:
+            with requires(cpu=1):  # the head has 1 CPU: the second task must go to a lender
+                futures = [where.submit(i, meet=str(meet), party=2) for i in range(2)]
+                return [f.result(timeout=90) for f in futures], str(get_run_context().flow_run.id)
+
+        rows, run_id = two_at_once()
+    names = _names()
+    assert all(r["met"] for r in rows), rows  # both ran at the same time
+    assert sorted(names[r["node_id"]] for r in rows) == ["gpu-master", "gpu2"]
+    table = {r["Node"]: r for r in json.loads(Artifact.get(f"grid-placements-{run_id}").data)}
+    assert table["gpu2"]["Placement"] == "offload" and table["gpu2"]["Pressure"] == "0.15"
+    assert table["gpu-master"]["Pressure"] == "0.15"

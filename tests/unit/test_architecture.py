@@ -174,3 +174,12 @@ def test_the_demo_finds_the_repositorys_cluster_file():
     from grid_flows.dev.demo import REPO
 
     assert (REPO / "blocks" / "cluster.yaml").is_file() and (REPO / "pyproject.toml").is_file()
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_docstring_examples_of_the_core_hold(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

@@ -239,3 +239,20 @@ def test_placement_kinds_match_the_flights():
     d = dispatcher(1, lender=1, offload=True)
     run(d, task(1), task(2))
     assert {k: f.kind for k, f in d.in_flight.items()} == {1: PlacementKind.target, 2: PlacementKind.offload}
+
+
+def test_load_balanced_offloads_to_the_calmer_lender_once_it_knows_the_pressure():
+    from grid_flows.core.placement import Pressure
+
+    def fresh() -> Dispatcher:
+        return Dispatcher(HEAD, {HEAD: cpu(0), "gpu1": cpu(2), "gpu2": cpu(2)}, {HEAD: True, "gpu1": True, "gpu2": True},
+                          strategy="load_balanced", allow_offload=True)
+
+    blind = fresh()
+    assert run(blind, task(1)) == [("dispatch", 1, "offload", "gpu1")]  # all calm: the first in order
+    seeing = fresh()
+    seeing.set_pressures({"gpu1": Pressure(cpu=0.95, memory=0.4, has_gpu=False), "gpu2": Pressure(cpu=0.1)})
+    assert run(seeing, task(1)) == [("dispatch", 1, "offload", "gpu2")]
+    assert seeing.nodes["gpu1"].pressure.score == pytest.approx(0.675)
+    seeing.set_pressures({})  # stale history: every node reads as calm again
+    assert seeing.nodes["gpu1"].pressure.score == 0

@@ -209,6 +209,19 @@ SPEC = ClusterSpec.model_validate({
 })
 
 
+def test_choose_ranks_lenders_by_the_pressure_it_is_given():
+    from grid_flows.core.placement import Pressure
+
+    spec = ClusterSpec.model_validate({"nodes": [
+        {"name": "head", "role": "head", "cpu_count": 1},
+        *[{"name": n, "cpu_count": 4, "resource_sharing": {"can_share": True, "max_share_cpu": 2}} for n in ("w1", "w2")],
+    ]})
+    nodes = {"head": Info(), "w1": Info(lend=Resources(cpu=2)), "w2": Info(lend=Resources(cpu=2))}
+    _, _, blind = choose(spec, nodes, Resources(cpu=1), None, "load_balanced")
+    _, _, seeing = choose(spec, nodes, Resources(cpu=1), None, "load_balanced", None, {"w1": Pressure(cpu=0.9)})
+    assert (blind.node, seeing.node) == ("w1", "w2")  # equal without it: the first; with it: the calm one
+
+
 def test_choose_uses_head_then_a_lenders_share_never_private_capacity():
     nodes = {"head": Info(free=Resources(cpu=1)), "w1": Info(free=Resources(cpu=4), lend=Resources(cpu=2)),
              "w2": Info(free=Resources(cpu=4))}

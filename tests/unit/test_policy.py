@@ -498,3 +498,24 @@ def test_decisions_are_frozen():
 def test_docstring_examples_hold():
     result = doctest.testmod(policy_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("samples", "expected"),
+    [
+        ([], {}),  # no history: every node reads as calm
+        ([("gpu1", 0, 90, 50)], {"gpu1": 0.7}),  # a CPU-only node: cpu and memory weigh half each
+        ([("gpu1", 200, 90, 50)], {}),  # older than 3 monitoring intervals: stale, left out
+        ([("gpu1", 200, 90, 50), ("gpu1", 5, 10, 10)], {"gpu1": 0.1}),  # the latest sample counts
+    ],
+)
+def test_placement_pressures_come_from_each_nodes_latest_fresh_sample(samples, expected):
+    from grid_flows.core.policy import placement_pressures
+
+    spec = ClusterSpec.model_validate({"nodes": [{"name": "head", "role": "head"}, {"name": "gpu1"}]})
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    history = MetricsHistory()
+    for node, age, cpu_pct, mem_pct in sorted(samples, key=lambda s: -s[1]):
+        history.add(NodeSample(node, now - timedelta(seconds=age), cpu_pct, mem_pct, 0))
+    got = placement_pressures(spec, history, now)
+    assert {n: round(p.score, 6) for n, p in got.items()} == expected

@@ -26,27 +26,46 @@ from grid_flows.errors import InvalidRequest
 
 
 DEFAULT_PROBE_TIMEOUT_SECONDS = 5.0
+PROBE_ACTOR_PREFIX = "grid-probe-"
 
 
-_REMOTE_PROBE = None
+class _Prober:
+    """The body of a node's probe actor: one warm process that reads the host when asked."""
+
+    def probe(self, cpu_interval_seconds: float) -> dict[str, Any]:
+        return probe_host(cpu_interval_seconds)
 
 
-def _remote_probe():
-    """The probe as a Ray remote function, made once per process (each new one is exported anew)."""
+_actor_class: Any = None
+
+
+def probe_actor(node: str):
+    """The node's probe actor: named, detached, in the grid namespace, using no CPU, pinned
+    by its ``grid.node`` label and restarted if it dies.
+
+    Why an actor and not a task: each scheduled rebalance run is a new process, and its first
+    task on a node needs a cold Ray worker (20-25 s on a loaded 2-core machine, more than the
+    probe timeout). The actor outlives the run, so later runs find it warm (~ms a read)."""
     import ray
 
-    global _REMOTE_PROBE
-    if _REMOTE_PROBE is None:
-        # num_cpus=0: runs even when every CPU of the node is reserved by boosts.
-        _REMOTE_PROBE = ray.remote(num_cpus=0, max_retries=0)(probe_host)
-    return _REMOTE_PROBE
+    from grid_flows.adapters.prefect.settings import RAY_NAMESPACE
+    from grid_flows.adapters.ray.cluster import NODE_LABEL
+
+    global _actor_class
+    if _actor_class is None:
+        _actor_class = ray.remote(_Prober)
+    return _actor_class.options(
+        name=f"{PROBE_ACTOR_PREFIX}{node}", namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_restarts=-1, max_task_retries=0, label_selector={NODE_LABEL: node},
+    ).remote()
 
 
 class RayProbeSource:
-    """Runs :func:`probe_host` on each node as a ``num_cpus=0`` Ray task pinned by label.
+    """Reads each node through its probe actor (:func:`probe_actor`).
 
     Nodes Ray does not know, dead nodes, and nodes that do not answer within
-    ``timeout_seconds`` (one deadline for the whole read) are reported unreachable.
+    ``timeout_seconds`` (one deadline for the whole read) are reported unreachable. A probe
+    actor that is still starting answers a later read: it is not killed on a timeout.
     """
 
     def __init__(self, timeout_seconds: float = DEFAULT_PROBE_TIMEOUT_SECONDS, address: str | None = None,
@@ -61,13 +80,11 @@ class RayProbeSource:
         import ray
 
         from grid_flows.adapters.ray import cluster as rc
-        from grid_flows.adapters.ray.cluster import NODE_LABEL
 
         rc.connect(self.address)
         live = rc.grid_nodes()
         readings: dict[str, NodeReading] = {}
         pending: dict[Any, str] = {}
-        remote = _remote_probe()
         for name in nodes:
             info = live.get(name)
             if info is None:
@@ -75,24 +92,20 @@ class RayProbeSource:
             elif not info.alive:
                 readings[name] = unreachable(name, "down (Ray marks the node dead)")
             else:
-                ref = remote.options(label_selector={NODE_LABEL: name}).remote(self.cpu_interval_seconds)
-                pending[ref] = name
+                pending[probe_actor(name).probe.remote(self.cpu_interval_seconds)] = name
         if pending:
             ready, not_ready = ray.wait(list(pending), num_returns=len(pending), timeout=self.timeout_seconds)
             for ref in ready:
                 name = pending[ref]
                 try:
                     data = ray.get(ref, timeout=self.timeout_seconds)
-                except Exception as exc:  # the task failed on the node: report it, do not raise
+                except Exception as exc:  # the actor failed or died on the node: report it, do not raise
                     readings[name] = unreachable(name, f"probe failed: {type(exc).__name__}: {exc}".splitlines()[0])
                     continue
                 readings[name] = sample_from_probe(name, now, data)
             for ref in not_ready:
                 readings[pending[ref]] = unreachable(
-                    pending[ref], f"no answer within {self.timeout_seconds:g} s"
+                    pending[ref], f"no answer within {self.timeout_seconds:g} s (its probe actor may still be "
+                                  "starting: the next read finds it warm)"
                 )
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:
-                    pass
         return {name: readings[name] for name in nodes}
