@@ -117,7 +117,7 @@ def active(boost_id: str, status: str) -> None:
 
 async def _expire_ran(timeout: float) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     deadline = time.monotonic() + timeout
     async with get_client() as client:
