@@ -218,3 +218,24 @@ def test_boost_records_survive_a_fresh_store_and_carry_every_field(grid):
     assert again == boost
     assert again.resources.memory == 512 * 1024**2
     assert (again.expires_at - again.granted_at).total_seconds() == 1800
+
+
+def test_the_python_api_works_inside_a_running_event_loop(grid, monkeypatch):
+    """An async flow calls the sync API with an event loop running: Prefect's block methods
+    then return coroutines unless told otherwise, and the record list was read with no type id."""
+    import asyncio
+
+    from grid_flows.adapters.prefect import store as store_module
+    from grid_flows.adapters.prefect.metrics_store import BlockHistoryStore
+
+    monkeypatch.setattr(store_module, "_registered_types", {})  # register again, as a fresh process does
+
+    async def in_a_loop():
+        boost = request_boost("gpu-master", cpu=1, source="gpu1", duration="5m")
+        listed = list_boosts(include_ended=True)
+        release_boost(boost.id)
+        return boost, listed, BlockHistoryStore("grid-test-async").load()
+
+    boost, listed, history = asyncio.run(in_a_loop())
+    assert boost.id in {b.id for b in listed}
+    assert history == {}

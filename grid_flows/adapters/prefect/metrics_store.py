@@ -32,14 +32,14 @@ class BlockHistoryStore:
     def load(self) -> dict:
         cls = GridMetricsHistory
         try:
-            block = cls.load(self.name)
+            block = cls.load(self.name, _sync=True)  # _sync: also from inside an async flow
         except ValueError:  # no such document yet (or the type is not registered yet)
             return {}
         return dict(block.samples or {})
 
     def save(self, data: dict) -> None:
         cls = GridMetricsHistory
-        cls(samples=data, saved_at=utcnow().isoformat()).save(self.name, overwrite=True)
+        cls(samples=data, saved_at=utcnow().isoformat()).save(self.name, overwrite=True, _sync=True)
 
 
 def load_history(name: str = HISTORY_BLOCK_DEFAULT, now: datetime | None = None) -> MetricsHistory:

@@ -91,7 +91,8 @@ def _register(block_cls: type) -> tuple[UUID, UUID]:
 
     key = (PREFECT_API_URL.value(), block_cls.get_block_type_slug())
     if key not in _registered_types:
-        block_cls.register_type_and_schema()
+        # _sync: Prefect dispatches to the coroutine inside a running event loop (an async flow).
+        block_cls.register_type_and_schema(_sync=True)
         _registered_types[key] = (block_cls._block_schema_id, block_cls._block_type_id)
     return _registered_types[key]
 
