@@ -110,8 +110,13 @@ wait_http() {  # wait_http URL SECONDS
 
 # ---------------------------------------------------------------------------------------
 step "1 postgresql"
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+# Debian packages the run needs: PostgreSQL for Prefect, Chromium for the browser check (step 7).
+NEED_APT=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || NEED_APT+=(postgresql)
+[[ -x /usr/bin/chromium ]] || NEED_APT+=(chromium)
+if (( ${#NEED_APT[@]} )); then
+    log "installing ${NEED_APT[*]} with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${NEED_APT[@]}" >/dev/null
 fi
 PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
 read -r PG_PORT PREFECT_PORT RAY_PORT <<<"$(free_ports 3)"
