@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             # 1. The live boosts table (latest version of grid-boosts).
             page.goto(url, wait_until="networkidle", timeout=60_000)
             try:
-                body = wait_for_texts(page, [live["id"], "gpu2", "gpu-master"], 45, "grid-boosts artifact")
+                # The table shows the 8-character short id (a 32-character one pushed the state off screen).
+                body = wait_for_texts(page, [live["id"][:8], "gpu2", "gpu-master"], 45, "grid-boosts artifact")
                 if not re.search(r"\b1 CPU\b", body) and not re.search(r"CPU\s*\n?.*\b1\b", body):
                     raise CheckFailed("grid-boosts artifact: the live boost's 1 CPU is not shown")
                 print(f"  grid-boosts page shows boost {live['id']} gpu2 -> gpu-master with 1 CPU")
