@@ -18,14 +18,20 @@ NOTES = """
    was set for it).
 3. **Grant latency**: `boosts.request(cpu=1, source=gpu1)` until it returns active (then read back
    with a fresh client: durable), vs `ray_cluster.create_boost_group` with an unrelated name and the
-   same bundle, alternating, 15 repetitions. Each adapter call on the path is timed by wrapping it.
+   same bundle, alternating, 15 repetitions. The request goes through the boost controller (the
+   default). In the same run, 15 more with the controller off
+   (`PREFECT_INTEGRATIONS_GRID_CONTROLLER=false`, every process on the records itself: the path
+   before the controller), where each adapter call is timed by wrapping it (the detail lines).
 4. **Release / expiry latency**: (a) from calling `boosts.release` on a boost holding all of gpu1's
    lendable CPU until a raw placement group of the same shape on gpu1 is ready (poll the lend tokens
    every 20 ms, then create (docs/architecture.md, "Ray facts"), since an immediate re-create pays ~1 s of Ray
-   backoff), 8 repetitions; (b) a 2 s boost with no maintenance flow, a loop calling
-   `boosts.expire_overdue` every 100 ms; from `expires_at` to the same raw group ready, 5 repetitions.
-   Baseline: `remove_placement_group` of a raw group, then the same wait. With n=8 and n=5 the "p99"
-   is the maximum.
+   backoff), 8 repetitions; (b) a 1 s boost with no maintenance flow and nothing touching the
+   ledger (the controller's timer ends it); from `expires_at` to the same raw group ready, 20
+   repetitions. Baseline: `remove_placement_group` of a raw group, then the same wait. With n=8 and
+   n=20 the "p99" is the maximum. (c) A `BoostRayTaskRunner` entered with a low-priority 2-CPU boost
+   on gpu1; a high-priority request for the same 2 CPUs preempts it. Timed from the request to the
+   runner's routing state refusing the victim (polled every 1 ms), 10 repetitions; baseline the same
+   with the controller off (the runner then reads its boosts' records once a second), 3 repetitions.
 5. **Throttle accuracy**: 100 concurrent `throttle.throttle_gpu_start("gpu1", 50, key=<fresh>)` calls: 10
    warm Ray worker processes on gpu1, 10 threads each, one admission per thread, released together by a
    barrier actor; 5 repetitions with a fresh throttle actor each. The slot span is compared with the

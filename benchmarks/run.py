@@ -53,14 +53,16 @@ def main() -> int:
     results += pure.admission_scale()
 
     from benchmarks import integration as I
-    from benchmarks import isolation, status_history
+    from benchmarks import admission_throughput, isolation, status_history
 
     print("starting a local Prefect server and a 3-node Ray cluster ...", flush=True)
     try:
         with I.grid() as (_spec, address):
             steps = [
                 ("grant latency", lambda: [I.grant_latency(15)[0]]),
-                ("release/expiry latency", lambda: I.release_latency(8, 5)),
+                ("release/expiry latency", lambda: I.release_latency(8, 20)),
+                ("runner notification", lambda: [I.runner_notification(10)]),
+                ("admission throughput", lambda: [admission_throughput.admission_throughput(address)]),
                 ("throttle accuracy", lambda: [I.throttle_accuracy(5)]),
                 ("runner overhead", lambda: [I.runner_overhead(address, RUNNER_TASKS, 5)]),
                 ("priority isolation", lambda: [isolation.priority_isolation(address, 5)]),

@@ -65,6 +65,10 @@ class LedgerBusy(GridError):
     """The ledger lock stayed taken for longer than the caller would wait."""
 
 
+class ControllerUnavailable(GridError):
+    """The cluster's boost controller did not answer in time, or did not come back after a restart."""
+
+
 class GpuProbeError(GridError):
     """The GPU probe failed for a reason other than "there is no NVIDIA GPU here"."""
 

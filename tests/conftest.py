@@ -128,3 +128,51 @@ def _clean_ledger() -> None:
     from grid_flows.control.boosts import release_everything
 
     release_everything("test cleanup")
+
+
+def server_events(boost_id: str) -> list[str]:
+    """The names of the events the server has for boost ``boost_id``, sorted."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        response = client.request(
+            "POST",
+            "/events/filter",
+            json={
+                "filter": EventFilter(resource=EventResourceFilter(id=[f"grid.boost.{boost_id}"])).model_dump(
+                    mode="json"
+                ),
+                "limit": 50,
+            },
+        )
+    return sorted(e["event"] for e in response.json()["events"])
+
+
+def wait_for(read, done, timeout: float = 15.0):
+    """``read()`` until ``done(value)`` or ``timeout`` (bounded polling of a server-side condition)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling a server-side condition, bounded by the deadline
+        value = read()
+    return value
+
+
+def controller_off(monkeypatch) -> None:
+    """Boost operations run in the test's process (on the records and the ledger lock), where
+    a test can inject a failure; the session's controller re-reads the records within 15 s."""
+    monkeypatch.setenv("PREFECT_INTEGRATIONS_GRID_CONTROLLER", "false")
+
+
+def stop_the_controller(monkeypatch) -> None:
+    """``controller_off``, and the running controller stopped for good (not restarted): nothing
+    ends boosts behind the test's back. The next caller with the controller on starts a new one."""
+    import ray
+
+    from grid_flows.control import client
+
+    controller_off(monkeypatch)
+    ray.kill(client.controller(), no_restart=True)

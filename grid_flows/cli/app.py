@@ -29,7 +29,7 @@ from grid_flows.core.ledger import PENDING_TIMEOUT_SECONDS
 from grid_flows.core.models import Boost, utcnow
 from grid_flows.errors import (
     ClusterNotConfigured, GpuUnavailable, GridError, IllegalTransition, InvalidRequest, NoCapacity, OffloadFailed,
-    RayUnavailable, VramCapExceeded,
+    ControllerUnavailable, RayUnavailable, VramCapExceeded,
 )
 from grid_flows.core.units import format_amount, format_bytes, format_duration
 
@@ -174,10 +174,14 @@ def boost_status(
     node: Optional[str] = typer.Option(None, "--node", help="Only boosts whose source or target is NODE."),
     include_ended: bool = typer.Option(False, "--all", help="Include ended boosts."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    watch: bool = typer.Option(False, "--watch", help="Redraw the table at each change, as the boost controller "
+                               "tells it (and every 5 s for the time left), until Ctrl-C."),
 ) -> None:
     """Show boosts: source -> target, resources, priority, state, time left, and totals."""
     from grid_flows.api import list_boosts
 
+    if watch and as_json:
+        raise InvalidRequest("--watch redraws a table: it does not go with --json")
     # Live records only, unless --all: the history (bounded by the cluster's retention) is
     # read only when asked for, so status costs the same however many boosts have ended.
     every = list_boosts(include_ended=include_ended)
@@ -185,6 +189,35 @@ def boost_status(
     if as_json:
         out.print_json(data=[boost_json(b) for b in shown])
         return
+    if watch:
+        _watch_status(node, include_ended)
+        return
+    out.print(_status_table(every, shown, include_ended))
+
+
+def _watch_status(node: Optional[str], include_ended: bool) -> None:
+    from rich.live import Live
+
+    from grid_flows.api import list_boosts
+    from grid_flows.control import client
+
+    def render():
+        every = list_boosts(include_ended=include_ended)
+        return _status_table(every, [b for b in every if node is None or node in (b.source, b.target)], include_ended)
+
+    version = None
+    with Live(render(), console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                version = client.wait_for_change(version, timeout=5.0)
+                live.update(render(), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def _status_table(every: list[Boost], shown: list[Boost], include_ended: bool):
+    from rich.console import Group
+
     prefixes = unique_prefixes([b.id for b in every])
     table = Table(title="grid boosts (boosted tasks run on the source node)", title_justify="left")
     for column in ("ID", "Source -> Target", "CPU", "GPU", "Memory", "Priority", "State", "Time left",
@@ -213,8 +246,8 @@ def boost_status(
     table.add_row("total", "", format_amount(total_cpu), format_amount(total_gpu), format_bytes(total_mem), "", "", "",
                   "")
     if not shown:
-        out.print("No live boosts." if not include_ended else "No boosts.")
-    out.print(table)
+        return Group("No live boosts." if not include_ended else "No boosts.", table)
+    return table
 
 
 @boost_app.command("release")
@@ -318,6 +351,7 @@ EXIT_CODES: dict[type, int] = {
     GpuUnavailable: 3,
     VramCapExceeded: 3,
     RayUnavailable: EXIT_UNREACHABLE,
+    ControllerUnavailable: EXIT_UNREACHABLE,
 }
 
 

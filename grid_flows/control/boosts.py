@@ -19,11 +19,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from grid_flows.core import ledger
 from grid_flows import errors
@@ -35,12 +36,76 @@ from grid_flows.core.models import (
 )
 from grid_flows.errors import BoostsDisabled, GridError, InvalidRequest, NoCapacity, UnknownBoost
 from grid_flows.adapters.prefect.settings import GridSettings
+from grid_flows.adapters.prefect import store as store_module
 from grid_flows.adapters.prefect.store import BoostStore
 from grid_flows.core.units import format_duration, parse_duration
 
 logger = logging.getLogger("grid_flows.control.boosts")
 MIN_UNIT_AMOUNT = 0.001  # CPU or GPU
 MIN_MEMORY_BYTES = 1024**2
+_ATTEMPTS = uuid.UUID("6f1c1d52-6a55-4b0e-9a4e-3c1f0e2b7d10")  # namespace of a request's attempt ids
+
+# -- where operations run ------------------------------------------------------------------
+#
+# The public operations below (request, release, extend, end_boost, expire_due, reconcile,
+# hold, unhold) are sent to the cluster's boost controller (control.controller) through its
+# client, unless the controller is switched off. Inside the controller's process they run
+# here, on its in-memory store and its lock; elsewhere (controller off) on a BoostStore and
+# the cluster-wide ledger lock, as every process did before the controller existed.
+
+_controller = None  # set in the controller's own process
+
+
+def _tell_controller(cluster: str) -> None:
+    from grid_flows.control import client
+
+    if _controller is None:
+        client.tell_cluster_changed(cluster)
+
+
+store_module.CLUSTER_SAVED_LISTENERS.append(_tell_controller)
+
+
+def run_operations_here(controller) -> None:
+    """Called by the controller when it starts: operations in this process run on its store."""
+    global _controller
+    _controller = controller
+
+
+def _store() -> BoostStore:
+    return _controller.store() if _controller is not None else BoostStore()
+
+
+def _lock():
+    return _controller.lock() if _controller is not None else rc.ledger_lock()
+
+
+_HERE: contextvars.ContextVar[bool] = contextvars.ContextVar("grid_operations_here", default=False)
+
+
+@contextlib.contextmanager
+def operations_here() -> Iterator[None]:
+    """Run operations in this process (the maintenance flows' backstop when the controller
+    cannot be reached), on a BoostStore and the cluster-wide ledger lock."""
+    token = _HERE.set(True)
+    try:
+        yield
+    finally:
+        _HERE.reset(token)
+
+
+def _send() -> bool:
+    """True when operations go to the controller: it is on and this process is not it."""
+    from grid_flows.control import client
+
+    return _controller is None and not _HERE.get() and client.enabled()
+
+
+def _call(operation: str, *args, address: str | None = None, **kwargs):
+    from grid_flows.control import client
+
+    rc.connect(address)
+    return client.call(operation, *args, **kwargs)
 
 
 def parse_priority(value: str | Priority) -> Priority:
@@ -134,17 +199,27 @@ def request(
     source: str | None = None,
     address: str | None = None,
     origin: str = "api",
+    requester: str | None = None,
+    request_key: str | None = None,
 ) -> Boost:
     """Grant a boost or raise: InvalidRequest for bad input, NoCapacity when no node can lend.
 
-    A request that fails, for any reason, leaves no record and no placement group behind."""
+    A request that fails, for any reason, leaves no record and no placement group behind.
+    ``request_key`` makes a request safe to send again (its attempts have ids derived from
+    it): a retry after the controller restarted returns the boost granted the first time."""
     if not isinstance(target, str) or not target.strip():
         raise InvalidRequest("target: a node name is required")
     if source is not None and not isinstance(source, str):
         raise InvalidRequest(f"source: a node name is required, got {source!r}")
     resources = parse_request_resources(cpu, gpu, memory)
     prio = parse_priority(priority)
-    with BoostStore() as store:
+    if _send():
+        return _call("request", target, cpu=cpu, gpu=gpu, memory=memory, priority=prio, duration=duration,
+                     source=source, origin=origin, requester=requester or requested_by(),
+                     request_key=request_key or uuid.uuid4().hex, address=address)
+    key = request_key or uuid.uuid4().hex
+    requester = requester or requested_by()
+    with _store() as store:
         spec = store.load_cluster()
         check_boosts_allowed(spec)
         seconds = parse_boost_duration(duration, spec)
@@ -156,14 +231,18 @@ def request(
             _check_share(lender, resources)
         rc.connect(address)
         live = store.list()
-        gone = {b.id for b in expire_overdue(store, boosts=live)}
+        already = _granted_earlier(key, len(spec.nodes))
+        if already is not None:
+            return already
+        # Elsewhere, whoever touches the ledger ends what is due; in the controller its timer does.
+        gone = {b.id for b in expire_overdue(store, boosts=live)} if _controller is None else set()
         lent = ledger.held_by_lender(b for b in live if b.id not in gone)
         nodes = rc.grid_nodes()
         timeout = GridSettings().grant_timeout_seconds
-        for lender in _candidates(spec, target, source, resources, nodes, lent):
+        for attempt, lender in enumerate(_candidates(spec, target, source, resources, nodes, lent)):
             boost = ledger.new_boost(
-                uuid.uuid4().hex, source=lender, target=target, resources=resources, priority=prio,
-                duration_seconds=seconds, now=utcnow(), origin=origin, requested_by=requested_by(),
+                _attempt_id(key, attempt), source=lender, target=target, resources=resources, priority=prio,
+                duration_seconds=seconds, now=utcnow(), origin=origin, requested_by=requester,
             )
             # Ray's lend tokens arbitrate only while they match the share; after an admin
             # lowered the share without restarting the node, the share is checked under the lock.
@@ -175,10 +254,30 @@ def request(
             store.emit("grid.boost.granted", granted)
             return granted
         if prio.rank > Priority.low.rank:
-            granted = _preempt_and_grant(store, spec, target, source, resources, prio, seconds, origin)
+            granted = _preempt_and_grant(store, spec, target, source, resources, prio, seconds, origin,
+                                         _attempt_id(key, len(spec.nodes)), requester)
             if granted is not None:
                 return granted
     raise NoCapacity(_no_capacity_message(spec, target, source, resources, lent))
+
+
+def _attempt_id(request_key: str, attempt: int) -> str:
+    """The boost id of a request's ``attempt``-th try (one per lender, then preemption)."""
+    return uuid.uuid5(_ATTEMPTS, f"{request_key}/{attempt}").hex
+
+
+def _granted_earlier(request_key: str, lenders: int) -> Boost | None:
+    """In the controller: the live boost a first sending of this request got (its answer was
+    lost to a restart; the rebuild read the record back). Elsewhere a request is never resent."""
+    if _controller is None:
+        return None
+    with _controller.memory.cond:
+        live = dict(_controller.memory.live)
+    for attempt in range(lenders + 1):
+        boost = live.get(_attempt_id(request_key, attempt))
+        if boost is not None and boost.state is BoostState.active:
+            return boost
+    return None
 
 
 def requested_by() -> str:
@@ -260,7 +359,7 @@ def _abandon(store: BoostStore, boost: Boost, group_id: str | None) -> None:
 
 def _preempt_and_grant(
     store: BoostStore, spec: ClusterSpec, target: str, source: str | None, resources: Resources,
-    prio: Priority, seconds: float, origin: str,
+    prio: Priority, seconds: float, origin: str, boost_id: str, requester: str,
 ) -> Boost | None:
     """Take the capacity from strictly lower-priority boosts, gracefully; None if no plan exists."""
     import time
@@ -279,9 +378,9 @@ def _preempt_and_grant(
                            min_runtime_seconds=sharing.min_runtime_seconds, source=source)
     if plan is None or not plan.victims:
         return None
-    boost = ledger.new_boost(uuid.uuid4().hex, source=plan.lender, target=target, resources=resources,
+    boost = ledger.new_boost(boost_id, source=plan.lender, target=target, resources=resources,
                              priority=prio, duration_seconds=seconds, now=utcnow(), origin=origin,
-                             requested_by=requested_by())
+                             requested_by=requester)
     # Claim first: Ray queues this group ahead of any request made after it.
     store.create(boost)
     group = None
@@ -339,7 +438,7 @@ def _notify_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boos
     """Put each victim still active and unclaimed under a preemption notice, appending it to
     ``noticed`` as soon as its record says so."""
     for victim in victims:
-        with rc.ledger_lock():
+        with _lock():
             current = store.get(victim.id)
             if current.state is not BoostState.active or current.preempted_by:
                 continue  # ended meanwhile (its capacity frees anyway), or another preemption has it
@@ -369,7 +468,7 @@ def _restore_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boo
             end(store, victim.id, Event.preempt,
                 f"preempted by boost {preemptor.short_id}, which could not be placed; its capacity was taken meanwhile")
             continue
-        with rc.ledger_lock():
+        with _lock():
             current = store.get(victim.id)
             if current.state is BoostState.active and current.preempted_by in (preemptor.id, ""):
                 if current.preempted_by:
@@ -384,7 +483,7 @@ def _restore_victims(store: BoostStore, victims: Iterable[Boost], preemptor: Boo
 
 def _activate(store: BoostStore, boost: Boost, group_id: str, share: Resources | None = None) -> Boost:
     """pending -> active under the lock; with ``share``, refuse (_OverShare) to lend past it."""
-    with rc.ledger_lock():
+    with _lock():
         current = store.get(boost.id)
         if current.state is not BoostState.pending:  # reconcile gave up on it meanwhile
             raise GridError(f"boost {boost.id} was marked {current.state.value} while it was being granted")
@@ -462,7 +561,9 @@ def release(
 
     ``drain_seconds``: give tasks still running in it up to that long to finish (runners
     stop routing to it within a second of the record ending) before the group goes."""
-    with BoostStore() as store:
+    if _send():
+        return _call("release", boost_id, reason=reason, drain_seconds=drain_seconds, address=address)
+    with _store() as store:
         boost = store.resolve(boost_id)
         rc.connect(address)
         return end(store, boost.id, Event.release, reason, address=address, drain_seconds=drain_seconds)
@@ -476,7 +577,7 @@ def end(
 
     With ``drain_seconds``, wait (at most that long) for the group to be idle in between.
     ``publish=False`` leaves the grid-boosts table to a caller that ends several at once."""
-    with rc.ledger_lock():
+    with _lock():
         boost = store.get(boost_id)
         if boost.state.ended:
             return boost
@@ -492,6 +593,41 @@ def end(
         store.publish_boosts_table()
     store.emit(f"grid.boost.{ended.state.value}", ended)
     return ended
+
+
+def end_boost(boost_id: str, event: Event, reason: str, *, drain_seconds: float = 0.0) -> Boost:
+    """End a live boost (a runner whose lender died, a lender reclaiming): ``end`` wherever
+    operations run."""
+    if _send():
+        return _call("end_boost", boost_id, event, reason, drain_seconds=drain_seconds)
+    with _store() as store:
+        return end(store, boost_id, event, reason, drain_seconds=drain_seconds)
+
+
+def expire_due() -> list[Boost]:
+    """End every boost whose time is up, wherever operations run (the grid-expire flow)."""
+    if _send():
+        return _call("expire_due")
+    rc.connect()
+    with _store() as store:
+        return expire_overdue(store)
+
+
+def hold(boost_id: str) -> None:
+    """A running flow routes tasks into this boost: at its deadline it gets the cluster's
+    grace, while the runner lets its tasks finish (the runner ends it as soon as it is idle).
+    Known only to the controller: with it off, the grid-expire flow ends it when overdue."""
+    if _send():
+        return _call("hold", boost_id)
+    if _controller is not None:
+        _controller.hold(boost_id, True)
+
+
+def unhold(boost_id: str) -> None:
+    if _send():
+        return _call("unhold", boost_id)
+    if _controller is not None:
+        _controller.hold(boost_id, False)
 
 
 def _drain(boost: Boost, seconds: float) -> None:
@@ -517,12 +653,15 @@ def _remove(boost: Boost, wait: bool = True) -> None:
 
 
 def expire_overdue(store: BoostStore, now: datetime | None = None, boosts: Iterable[Boost] | None = None) -> list[Boost]:
-    """End every active boost past ``expires_at``; any process that touches the ledger calls this."""
+    """End every boost whose time is up (``ledger.due_to_end``): inside the controller a boost
+    a running flow holds gets the cluster's grace; elsewhere nothing is known to be held."""
     now = now or utcnow()
-    expired = []
-    for boost in ledger.overdue(boosts if boosts is not None else store.list(), now):
-        expired.append(end(store, boost.id, Event.expire, f"expired at {boost.expires_at:%H:%M:%S} UTC"))
-    return expired
+    boosts = list(boosts if boosts is not None else store.list())
+    held, grace = frozenset(), 0.0
+    if _controller is not None:
+        held, grace = _controller.held(), _controller.grace_seconds()
+    return [end(store, boost.id, Event.expire, reason)
+            for boost, reason in ledger.due_to_end(boosts, now, held=held, grace_seconds=grace)]
 
 
 def list_boosts(target: str | None = None, include_ended: bool = False) -> list[Boost]:
@@ -538,12 +677,14 @@ def list_boosts(target: str | None = None, include_ended: bool = False) -> list[
 def extend(boost_id: str, duration: str | float) -> Boost:
     """Add ``duration`` to an active boost, within the cluster's maximum boost length."""
     seconds = _positive_duration(duration)
-    with BoostStore() as store:
+    if _send():
+        return _call("extend", boost_id, duration)
+    with _store() as store:
         spec = store.load_cluster()
         limit = spec.resource_sharing.max_boost_duration_seconds
         boost = store.resolve(boost_id)
         rc.connect()
-        with rc.ledger_lock():
+        with _lock():
             boost = store.get(boost.id)
             if boost.state is not BoostState.active:
                 raise InvalidRequest(f"boost {boost.id} is {boost.state.value}; only an active boost can be extended")
@@ -603,13 +744,27 @@ def reconcile(*, pending_timeout_seconds: float = ledger.PENDING_TIMEOUT_SECONDS
     * groups are read again *after* the records: an active record seen then had its
       group placed earlier, so an active record whose group is missing from the second
       read has truly lost it.
+
+    In the controller the claim is its in-memory record, put before the group is created,
+    and one reconcile runs at a time.
     """
+    _check_pending_timeout(pending_timeout_seconds)
+    if _send():
+        return _call("reconcile", pending_timeout_seconds=pending_timeout_seconds, address=address)
+    if _controller is not None:
+        with _controller.reconciling:
+            return _reconcile(pending_timeout_seconds, address)
+    return _reconcile(pending_timeout_seconds, address)
+
+
+def _reconcile(pending_timeout_seconds: float, address: str | None) -> ReconcileReport:
     from grid_flows.core.reconcile import ActionKind, Snapshot, plan
 
-    _check_pending_timeout(pending_timeout_seconds)
     report = ReconcileReport()
     rc.connect(address)
-    with BoostStore() as store:
+    with _store() as store:
+        if _controller is not None:
+            _controller.resync(store)  # records written while it was off or before it started
         groups_before = {name: g.group_id for name, g in rc.grid_groups().items()}
         live = store.list()
         history = store.history()
@@ -665,7 +820,7 @@ def _still_orphan(store: BoostStore, group_name: str) -> bool:
 def _lift_stale_notice(store: BoostStore, boost_id: str, reason: str, changed: list[str]) -> None:
     """A preemption notice whose preemptor no longer lives (its requester died half way):
     the boost keeps its group and runners may route into it again. Re-checked under the lock."""
-    with rc.ledger_lock():
+    with _lock():
         current = store.get(boost_id)
         if current.state is not BoostState.active or not current.preempted_by:
             return

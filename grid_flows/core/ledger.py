@@ -21,7 +21,7 @@ import math
 from collections import defaultdict
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Iterable
+from typing import AbstractSet, Iterable
 
 from grid_flows.core.models import Boost, BoostState, ClusterSpec, Priority, Resources
 from grid_flows.errors import IllegalTransition, InvariantViolation
@@ -155,6 +155,45 @@ def transition(
 def overdue(boosts: Iterable[Boost], now: datetime) -> list[Boost]:
     """Active boosts whose lease ran out at ``now``."""
     return [b for b in boosts if b.is_overdue(now)]
+
+
+def due_to_end(boosts: Iterable[Boost], now: datetime, *, held: AbstractSet[str] = frozenset(),
+               grace_seconds: float = 0.0) -> list[tuple[Boost, str]]:
+    """Active boosts whose time is up at ``now``, each with the reason to record.
+
+    An unheld boost ends at ``expires_at``. One a running flow holds (its runner routes
+    tasks into it) ends ``grace_seconds`` later; its runner ends it sooner, once idle.
+
+        >>> from datetime import datetime, timedelta, timezone
+        >>> t = datetime(2025, 1, 1, tzinfo=timezone.utc)
+        >>> b = transition(new_boost("a" * 32, source="w", target="h", resources=Resources(cpu=1),
+        ...     priority=Priority.normal, duration_seconds=60, now=t), Event.grant, t, placement_group_id="g")
+        >>> [r for _, r in due_to_end([b], t + timedelta(seconds=60))]
+        ['expired at 00:01:00 UTC']
+        >>> due_to_end([b], t + timedelta(seconds=60), held={b.id}, grace_seconds=30)
+        []
+    """
+    due = []
+    for boost in boosts:
+        if boost.state is not BoostState.active:
+            continue
+        ends_at = _ends_at(boost, held, grace_seconds)
+        if now >= ends_at:
+            reason = f"expired at {boost.expires_at:%H:%M:%S} UTC"
+            if ends_at != boost.expires_at:
+                reason += f", after its {grace_seconds:g} s grace (a flow was using it)"
+            due.append((boost, reason))
+    return due
+
+
+def next_deadline(boosts: Iterable[Boost], *, held: AbstractSet[str] = frozenset(),
+                  grace_seconds: float = 0.0) -> datetime | None:
+    """When the next of ``boosts`` is due to end (``due_to_end``'s rule); None if none is active."""
+    return min((_ends_at(b, held, grace_seconds) for b in boosts if b.state is BoostState.active), default=None)
+
+
+def _ends_at(boost: Boost, held: AbstractSet[str], grace_seconds: float) -> datetime:
+    return boost.expires_at + timedelta(seconds=grace_seconds) if boost.id in held else boost.expires_at
 
 
 def held_by_lender(boosts: Iterable[Boost], *, count_pending: bool = False) -> dict[str, Resources]:

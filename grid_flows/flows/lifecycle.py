@@ -20,7 +20,6 @@ from pydantic import Field, StrictFloat, StrictInt, StrictStr
 from grid_flows.control import boosts
 from grid_flows.core.ledger import PENDING_TIMEOUT_SECONDS
 from grid_flows.core.models import Priority
-from grid_flows.adapters.prefect.store import BoostStore
 
 
 @flow(name="grid-request-boost", log_prints=False)
@@ -65,22 +64,34 @@ def release_boost_flow(boost_id: str) -> dict[str, Any]:
 
 @flow(name="grid-expire-boosts")
 def expire_boosts() -> list[str]:
-    """End every active boost past its ``expires_at``; returns the ids it ended."""
-    logger = get_run_logger()
-    with BoostStore() as store:
-        live = store.list()
-        overdue = [b for b in live if b.is_overdue(boosts.utcnow())]
-        if overdue:
-            from grid_flows.adapters.ray.cluster import connect
+    """End every boost whose time is up; returns the ids it ended.
 
-            connect()
-        ended = boosts.expire_overdue(store, boosts=overdue)  # each end publishes the table: only on change
-    if ended:
-        for b in ended:
-            logger.info("Expired boost %s (%s -> %s, %s)", b.id, b.source, b.target, b.resources.describe())
-    else:
-        logger.info("No boost was overdue (%d live)", sum(not b.state.ended for b in live))
+    The boost controller ends boosts on time by itself; this scheduled run is the visible
+    backstop. It asks the controller, and does the work itself if the controller cannot be
+    reached. Its log says which happened."""
+    logger = get_run_logger()
+    ended, who = _by_the_controller_or_here(boosts.expire_due)
+    for b in ended:
+        logger.info("Expired boost %s (%s -> %s, %s)", b.id, b.source, b.target, b.resources.describe())
+    logger.info("%s ended %d overdue boost(s)", who, len(ended))
     return [b.id for b in ended]
+
+
+def _by_the_controller_or_here(operation, **kwargs):
+    """``(result, who did it)``: the boost controller, or this run itself when the controller
+    is switched off or cannot be reached (the same code, on the records directly)."""
+    from grid_flows.control import client
+    from grid_flows.errors import ControllerUnavailable
+
+    if not client.enabled():
+        with boosts.operations_here():
+            return operation(**kwargs), "This flow run (the boost controller is switched off)"
+    try:
+        return operation(**kwargs), "The boost controller"
+    except ControllerUnavailable as exc:
+        get_run_logger().warning("The boost controller could not be reached (%s); doing the work here", exc)
+        with boosts.operations_here():
+            return operation(**kwargs), "This flow run (the boost controller could not be reached)"
 
 
 @flow(name="grid-reconcile-boosts")
@@ -89,7 +100,8 @@ def reconcile_boosts(
 ) -> dict[str, list[str]]:
     """Make Ray and the boost records agree (orphan groups, lost or stuck boosts). Idempotent."""
     logger = get_run_logger()
-    report = boosts.reconcile(pending_timeout_seconds=pending_timeout_seconds)
+    report, who = _by_the_controller_or_here(boosts.reconcile, pending_timeout_seconds=pending_timeout_seconds)
+    logger.info("%s reconciled the records with Ray:", who)
     for line in report.lines():
         logger.info(line)
     return {

@@ -159,8 +159,8 @@ def _reclaim(store: BoostStore, spec: ClusterSpec, d: Decision) -> Boost:
     """Give the lender its capacity back: the record ends first (runners stop routing to it), its
     running tasks get ``grace_seconds`` to finish, then the group goes."""
     rc.connect()
-    ended = boosts.end(store, d.boost_id, Event.preempt, f"reclaimed by lender {d.node}: {d.reason}",
-                       drain_seconds=spec.resource_sharing.grace_seconds)
+    ended = boosts.end_boost(d.boost_id, Event.preempt, f"reclaimed by lender {d.node}: {d.reason}",
+                             drain_seconds=spec.resource_sharing.grace_seconds)
     store.emit(RECLAIMED_EVENT, ended, lender=d.node, reason=d.reason)
     return ended
 

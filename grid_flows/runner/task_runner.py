@@ -70,6 +70,7 @@ from grid_flows.runner.worker import _run_guarded_task
 
 logger = logging.getLogger("grid_flows.runner.task_runner")
 _REFRESH_SECONDS = 1.0
+WATCH_SECONDS = 1.0  # one long poll of the controller waits at most this long for a change
 _EXAMPLE_REASONS = 5
 _REMOTE_ONLY_OPTIONS = frozenset({"max_calls"})  # ray.remote() takes them; .options() raises
 _PREEMPTION_NOTICE = "it is being preempted by boost"  # why_unusable while a preemption is under way
@@ -147,6 +148,8 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._reasons: list[str] = []
         self._flow_run_id: Optional[UUID] = None
         self._dispatcher: Optional[threading.Thread] = None
+        self._watcher: Optional[threading.Thread] = None
+        self._records: Optional[dict[str, Boost]] = None  # bound boosts' records as the controller pushes them
         self._stopping = False
         self._in_worker = False
         self._remote_fn = None
@@ -213,6 +216,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._remote_fn = ray.remote(_run_guarded_task)
         self._remote_fns: dict[tuple, Any] = {}
         self._load_cluster()
+        self._start_watching()  # before the first boost is bound: no change to it can be missed
         for boost_id in self.boost_ids:
             from grid_flows.adapters.prefect.store import BoostStore
 
@@ -233,6 +237,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                 self._stopping = True
                 self._cond.notify_all()
             self._dispatcher.join(timeout=5)
+            self._stop_watching()
             self._publish_placements()
         super().__exit__(*exc_info)
 
@@ -321,6 +326,8 @@ class BoostRayTaskRunner(RayTaskRunner):
         """
         handle = rc.group_handle(boost.placement_group_id)
         with self._cond:
+            if self._records is not None:
+                self._records[boost.id] = boost  # later changes come from the controller
             self._bindings[boost.id] = _Binding(boost=boost, handle=handle, shared=shared)
             self._state.attach(BoostUse(boost.id, boost.source, boost.resources, boost.expires_at, shared=shared))
             self._dispatch_ready()
@@ -330,6 +337,18 @@ class BoostRayTaskRunner(RayTaskRunner):
                                     f"was granted to {boost.target}; queued tasks may run in it while "
                                     f"{boost.target} is saturated")
         logger.info("Routing tasks into boost %s on %s (%s)", boost.short_id, boost.source, boost.resources.describe())
+        if not shared:
+            self._hold(boost.id, True)
+
+    def _hold(self, boost_id: str, held: bool) -> None:
+        """Tell the controller this flow routes tasks into the boost: at its deadline it gets
+        the cluster's grace instead of ending at once (the runner ends it once idle)."""
+        from grid_flows.control import boosts as boost_ops
+
+        try:
+            (boost_ops.hold if held else boost_ops.unhold)(boost_id)
+        except Exception as exc:  # routing works without it; the boost just ends on time
+            logger.warning("could not tell the boost controller about boost %s: %s", boost_id[:8], exc)
 
     def _adopt_new_node_boosts(self, live: Iterable[Boost]) -> None:
         """Attach active boosts granted to the target node by the rebalancer (sharing modes)."""
@@ -394,8 +413,10 @@ class BoostRayTaskRunner(RayTaskRunner):
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
-            self._bindings.pop(boost_id, None)
+            binding = self._bindings.pop(boost_id, None)
             self._state.forget(boost_id)
+        if binding is not None and not binding.shared:
+            self._hold(boost_id, False)
         return True
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -630,34 +651,122 @@ class BoostRayTaskRunner(RayTaskRunner):
             if not alive.get(b.source, False) and not binding.ended_here:
                 self.stop_routing(b.id, f"lender {b.source} is down")
                 binding.ended_here = True
-                boost_ops.end(store, b.id, Event.node_lost, f"lender {b.source} is down")
+                boost_ops.end_boost(b.id, Event.node_lost, f"lender {b.source} is down")
                 continue
-            record = store.get(b.id)
-            if record.state.ended:
-                if not binding.ended_here:
-                    self.stop_routing(b.id, f"it was {record.state.value} ({record.reason or 'no reason given'})",
-                                      level=logging.INFO if binding.shared else logging.WARNING)
-                if binding.shared and use.count == 0:
-                    with self._cond:  # the node's boost, not ours: forget it once nothing runs there
-                        self._bindings.pop(b.id, None)
-                        self._state.forget(b.id)
-            elif record.preempted_by:
-                self.stop_routing(b.id, f"{_PREEMPTION_NOTICE} {record.preempted_by[:8]}")
-            elif record.placement_group_id != b.placement_group_id or \
-                    use.why_unusable.startswith(_PREEMPTION_NOTICE):  # kept, in a new group or its own
-                self._rebind(binding, record)
-            elif record.expires_at != b.expires_at:
-                with self._cond:
-                    binding.boost = record
-                    self._state.resume_routing(b.id, expires_at=record.expires_at, now=now, only_if="expired")
-                self._say(logging.INFO, f"Boost {b.short_id} now expires at {record.expires_at:%H:%M:%S} UTC")
-            elif use.why_unusable == "expired" and not binding.ended_here:
-                overdue = (now - b.expires_at).total_seconds()
-                if use.count == 0 or overdue >= self._grace_seconds:
-                    binding.ended_here = True
-                    boost_ops.end(store, b.id, Event.expire, "expired while a flow used it" if binding.shared
-                                  else "expired while its flow ran")
+            record = self._record_of(store, b.id)
+            self._apply_record(binding, use, record, now)
         self._refresh_sharing(store)
+
+    def _record_of(self, store, boost_id: str) -> Boost:
+        """The bound boost's record: as the controller last pushed it, else read now."""
+        with self._cond:
+            pushed = None if self._records is None else self._records.get(boost_id)
+        return pushed if pushed is not None else store.get(boost_id)
+
+    def _apply_record(self, binding: _Binding, use, record: Boost, now) -> None:
+        """Act on a bound boost's record: ended, under a preemption notice, kept in a new group,
+        extended, or expired (then this runner ends it as soon as it is idle)."""
+        from grid_flows.control import boosts as boost_ops
+        from grid_flows.core.ledger import Event
+
+        b = binding.boost
+        if record.state.ended:
+            if not binding.ended_here:
+                self.stop_routing(b.id, f"it was {record.state.value} ({record.reason or 'no reason given'})",
+                                  level=logging.INFO if binding.shared else logging.WARNING)
+            if binding.shared and use.count == 0:
+                with self._cond:  # the node's boost, not ours: forget it once nothing runs there
+                    self._bindings.pop(b.id, None)
+                    self._state.forget(b.id)
+        elif record.preempted_by:
+            self.stop_routing(b.id, f"{_PREEMPTION_NOTICE} {record.preempted_by[:8]}")
+        elif record.placement_group_id != b.placement_group_id or \
+                use.why_unusable.startswith(_PREEMPTION_NOTICE):  # kept, in a new group or its own
+            self._rebind(binding, record)
+        elif record.expires_at != b.expires_at:
+            with self._cond:
+                binding.boost = record
+                self._state.resume_routing(b.id, expires_at=record.expires_at, now=now, only_if="expired")
+            self._say(logging.INFO, f"Boost {b.short_id} now expires at {record.expires_at:%H:%M:%S} UTC")
+        elif use.why_unusable == "expired" and not binding.ended_here:
+            overdue = (now - b.expires_at).total_seconds()
+            if use.count == 0 or overdue >= self._grace_seconds:
+                binding.ended_here = True
+                boost_ops.end_boost(b.id, Event.expire, "expired while a flow used it" if binding.shared
+                                    else "expired while its flow ran")
+
+    # -- pushed by the boost controller -------------------------------------------------------
+
+    def _start_watching(self) -> None:
+        """Follow the controller's changes (a long poll), so a preemption notice, a release
+        elsewhere or an extension reaches this runner at once, not at its next refresh."""
+        from grid_flows.control import client
+
+        if not client.enabled():
+            return  # each refresh reads the bound records instead
+        try:
+            import ray
+
+            version = ray.get(client.controller().status.remote(), timeout=WATCH_SECONDS * 10)["version"]
+        except Exception as exc:
+            logger.warning("not following the boost controller (%s); reading the records each second", exc)
+            return
+        with self._cond:
+            self._records = {}
+        self._watch_token = uuid4().hex
+        self._watcher = threading.Thread(target=contextvars.copy_context().run, args=(self._watch_loop, version),
+                                         name="grid-watcher", daemon=True)
+        self._watcher.start()
+
+    def _stop_watching(self) -> None:
+        """End the watch now (not at its next timeout): a Ray shutdown right after the flow must
+        not find this thread waiting on the controller."""
+        import ray
+
+        from grid_flows.control import client
+
+        if self._watcher is None:
+            return
+        with contextlib.suppress(Exception):
+            ray.get(client.controller().stop_watch.remote(self._watch_token), timeout=WATCH_SECONDS * 10)
+        self._watcher.join(timeout=WATCH_SECONDS * 10)
+
+    def _watch_loop(self, version: int) -> None:
+        import ray
+
+        from grid_flows.control import client
+
+        while not self._stopping:
+            try:
+                seen = ray.get(client.controller().watch.remote(version, WATCH_SECONDS, self._watch_token),
+                               timeout=WATCH_SECONDS * 10)
+            except BaseException as exc:  # the controller restarting: the refresh reads the records meanwhile
+                if self._stopping or not ray.is_initialized() or isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                    return  # Ray is shutting down under us
+                logger.info("boost controller watch: %s; trying again", exc)
+                with self._cond:
+                    self._records = {}
+                    self._cond.wait(timeout=WATCH_SECONDS)
+                continue
+            version = seen["version"]
+            now = utcnow()
+            with self._cond:
+                if not seen["complete"]:
+                    self._records = {}  # too far behind: the refresh reads each bound record once
+                if self._stopping:
+                    return
+                bound = {boost_id: (binding, self._state.boosts.get(boost_id))
+                         for boost_id, binding in self._bindings.items()}
+                for record in seen["boosts"]:
+                    if record.id in bound:
+                        self._records[record.id] = record
+            for record in seen["boosts"]:
+                binding, use = bound.get(record.id, (None, None))
+                if binding is not None and use is not None:
+                    try:
+                        self._apply_record(binding, use, record, now)
+                    except Exception as exc:
+                        logger.warning("could not apply boost %s's change: %s", record.short_id, exc)
 
     def _refresh_sharing(self, store, at_start: bool = False) -> None:
         """The mode's extras, after the checks above; one failing does not stop the other."""

@@ -15,6 +15,7 @@ from grid_flows.adapters.ray import cluster as rc
 from grid_flows.core.models import BoostState
 from grid_flows.adapters.ray.cluster import NODE_LABEL
 from grid_flows.adapters.prefect.store import BOOSTS_ARTIFACT_KEY, BoostStore
+from tests.conftest import server_events, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -106,43 +107,14 @@ def test_grid_boosts_artifact_and_events_follow_each_change(grid):
     assert boost.short_id not in [row["Boost"] for row in table]
 
 
-def _events(boost_id: str) -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventResourceFilter
-
-    with get_client(sync_client=True) as client:
-        response = client.request(
-            "POST",
-            "/events/filter",
-            json={
-                "filter": EventFilter(resource=EventResourceFilter(id=[f"grid.boost.{boost_id}"])).model_dump(
-                    mode="json"
-                ),
-                "limit": 50,
-            },
-        )
-    return sorted(e["event"] for e in response.json()["events"])
-
-
 def test_granted_and_released_events_are_emitted(grid):
     from prefect.events.worker import EventsWorker
 
     boost = request_boost("gpu-master", cpu=1, source="gpu2")
     release_boost(boost.id)
     EventsWorker.drain_all(timeout=10)
-    deadline_events = _wait_for(lambda: _events(boost.id), lambda ev: len(ev) >= 2)
+    deadline_events = wait_for(lambda: server_events(boost.id), lambda ev: len(ev) >= 2)
     assert deadline_events == ["grid.boost.granted", "grid.boost.released"]
-
-
-def _wait_for(read, done, timeout: float = 15.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    value = read()
-    while not done(value) and time.monotonic() < deadline:
-        time.sleep(0.2)  # polling a server-side condition, bounded by the deadline
-        value = read()
-    return value
 
 
 def test_a_boost_is_visible_and_releasable_from_another_process(grid):

@@ -17,6 +17,7 @@ from grid_flows.adapters.ray import cluster as rc
 from grid_flows.control.boosts import extend, reconcile
 from grid_flows.errors import InvalidRequest
 from tests.grid_cli import grid_cli
+from tests.conftest import stop_the_controller
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +75,10 @@ def test_python_api_refuses_overflowing_amounts_and_non_string_ids(grid):
     assert list_boosts() == [] and rc.grid_groups() == {}
 
 
-def test_an_overdue_boost_shows_as_overdue_and_cannot_be_extended(grid, capsys):
+def test_an_overdue_boost_shows_as_overdue_and_cannot_be_extended(grid, capsys, monkeypatch):
+    # With the controller on, the boost ends at its deadline (test_controller). With it off
+    # and not running, nothing ends it here: it shows as overdue until something touches the ledger.
+    stop_the_controller(monkeypatch)
     boost = request_boost("gpu-master", cpu=1, source="gpu2", duration=1)
     time.sleep(max(0.0, boost.seconds_left()) + 0.05)  # let its lease run out; nothing ends it here
     code, out, _ = grid_cli(capsys, "boost", "status", "--json")

@@ -25,7 +25,7 @@ from grid_flows.core.ledger import Event, check_invariants, new_boost, transitio
 from grid_flows.core.models import BoostState, Priority, Resources, utcnow
 from grid_flows.errors import UnknownBoost
 from grid_flows.adapters.prefect.store import BoostStore
-from tests.conftest import changed_cluster, sharing_settings
+from tests.conftest import changed_cluster, controller_off, sharing_settings
 from tests.grid_cli import grid_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -97,7 +97,7 @@ def _run_requesters(grid, tmp_path: Path, processes: int, rounds: int) -> list[P
 
 
 def test_reconcile_in_a_tight_loop_beside_four_requesters_loses_no_live_boost(grid, tmp_path):
-    outs = _run_requesters(grid, tmp_path, processes=4, rounds=6)
+    outs = _run_requesters(grid, tmp_path, processes=4, rounds=4)
     rows = [json.loads(line) for out in outs for line in out.read_text().splitlines()]
     assert not [r for r in rows if r["outcome"] == "error"]
     granted = [r["id"] for r in rows if r["outcome"] == "granted"]
@@ -195,6 +195,7 @@ def test_a_lowered_share_is_enforced_before_the_node_restarts(grid, lowered_shar
 
 
 def test_a_grant_that_fails_half_way_leaves_no_record_and_no_group(grid, monkeypatch):
+    controller_off(monkeypatch)  # the direct path (with the controller, the lock is its own)
     def broken(*args, **kwargs):
         raise RuntimeError("the API went away during activation")
 
@@ -205,6 +206,7 @@ def test_a_grant_that_fails_half_way_leaves_no_record_and_no_group(grid, monkeyp
 
 
 def test_a_request_that_cannot_get_the_ledger_lock_leaves_nothing_behind(grid, monkeypatch):
+    controller_off(monkeypatch)  # the direct path (with the controller, the lock is its own)
     from grid_flows.adapters.ray.cluster import _ledger_lock_actor
     from grid_flows.errors import LedgerBusy
 

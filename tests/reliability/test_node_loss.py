@@ -12,6 +12,7 @@ from prefect import flow, task
 from grid_flows import BoostRayTaskRunner, boosted, list_boosts, request_boost
 from grid_flows.adapters.ray import cluster as rc
 from grid_flows.adapters.ray import local_cluster
+from tests.conftest import controller_off
 from grid_flows.core.cluster_file import parse_cluster
 from grid_flows.core.models import BoostState
 from grid_flows.adapters.ray.tokens import bundle
@@ -109,8 +110,11 @@ def test_a_dead_lender_does_not_hang_tasks_offloaded_onto_its_share(lossy_cluste
     assert all(r["node"] != gpu1.node_id for r in rows if r["start"] > killed_at + 2)
 
 
-def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid):
-    """A real `prefect server` on SQLite in tmp_path, stopped and started again under a live boost."""
+def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid, monkeypatch):
+    """A real `prefect server` on SQLite in tmp_path, stopped and started again under a live boost.
+    Another server than the session's: the session's controller keeps its records there, so
+    this process changes them itself (make e2e restarts the controller's own server)."""
+    controller_off(monkeypatch)
     from grid_flows.dev.local_prefect import local_prefect_server
     from grid_flows.adapters.prefect.store import BoostStore
 

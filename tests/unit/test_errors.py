@@ -25,6 +25,7 @@ from grid_flows.cli.app import EXIT_UNREACHABLE, exit_code_for
         (errors.GpuUnavailable("x"), 3),
         (errors.VramCapExceeded("x"), 3),
         (errors.RayUnavailable("x"), EXIT_UNREACHABLE),
+        (errors.ControllerUnavailable("x"), EXIT_UNREACHABLE),
         (errors.LedgerBusy("x"), 1),
         (errors.ThrottleError("x"), 1),
         (errors.GpuProbeError("x"), 1),
@@ -38,7 +39,7 @@ def test_exit_code_of_each_error(error, code):
 
 def test_every_error_class_is_a_grid_error_defined_in_errors_and_has_no_exit_code():
     classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
-    assert len(classes) == 17
+    assert len(classes) == 18
     for cls in classes:
         assert issubclass(cls, errors.GridError)
         assert not hasattr(cls, "exit_code"), f"{cls.__name__}: exit codes belong to the CLI"

@@ -12,7 +12,8 @@ import pytest
 import grid_flows.core.ledger as ledger_module
 from grid_flows.core.cluster_file import load_cluster_file
 from grid_flows.core.ledger import (
-    Event, allowed_events, boost_id_of, check_invariants, held_by_borrower, held_by_lender, overdue,
+    Event, allowed_events, boost_id_of, check_invariants, due_to_end, held_by_borrower, held_by_lender,
+    next_deadline, overdue,
     placement_group_name, transition,
 )
 from grid_flows.errors import IllegalTransition, InvariantViolation
@@ -221,6 +222,46 @@ def test_overdue_lists_only_active_boosts_past_their_expiry():
     assert [b.id for b in overdue(boosts.values(), expiry)] == ["due"]  # the boundary counts
     assert [b.id for b in overdue(boosts.values(), expiry + timedelta(days=1))] == ["due", "fresh"]
     assert overdue([], T2) == []
+
+
+# --- due_to_end and next_deadline: what the controller's timer ends, and when it wakes ---------
+
+EXPIRY = T1 + timedelta(seconds=DURATION)
+GRACE = 30.0
+DUE_CASES = [
+    # (case, state, held, seconds after expires_at, due?)
+    ("unheld, before its deadline", S.active, False, -0.001, False),
+    ("unheld, at its deadline", S.active, False, 0, True),
+    ("unheld, after its deadline", S.active, False, 5, True),
+    ("held, at its deadline: in its grace", S.active, True, 0, False),
+    ("held, just inside its grace", S.active, True, GRACE - 0.001, False),
+    ("held, at the end of its grace", S.active, True, GRACE, True),
+    ("pending, long past: reconcile's business", S.pending, False, 3600, False),
+    ("released", S.released, False, 3600, False),
+    ("expired already", S.expired, False, 3600, False),
+]
+
+
+@pytest.mark.parametrize("case, state, held, after, due", DUE_CASES, ids=[c[0] for c in DUE_CASES])
+def test_due_to_end(case, state, held, after, due):
+    boost = in_state(state, "b1")
+    now = EXPIRY + timedelta(seconds=after)
+    found = due_to_end([boost], now, held={"b1"} if held else set(), grace_seconds=GRACE)
+    assert [b.id for b, _ in found] == (["b1"] if due else [])
+    if due:
+        assert found[0][1].startswith(f"expired at {EXPIRY:%H:%M:%S} UTC")
+        assert ("grace" in found[0][1]) is held
+
+
+def test_next_deadline_is_the_earliest_end_counting_the_grace_of_held_boosts():
+    soon = in_state(S.active, "soon")
+    later = in_state(S.active, "later", duration_seconds=DURATION * 2)
+    assert next_deadline([later, soon]) == EXPIRY
+    assert next_deadline([later, soon], held={"soon"}, grace_seconds=GRACE) == EXPIRY + timedelta(seconds=GRACE)
+    assert next_deadline([later, soon], held={"soon"}, grace_seconds=DURATION * 2) == \
+        T1 + timedelta(seconds=DURATION * 2)
+    assert next_deadline([in_state(S.pending, "p"), in_state(S.released, "r")]) is None
+    assert next_deadline([]) is None
 
 
 def test_overdue_accepts_a_generator():

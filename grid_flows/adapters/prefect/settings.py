@@ -32,6 +32,15 @@ class GridSettings(PrefectBaseSettings):
         2.0, gt=0, description="How long a boost's placement group may take to be placed before the grant fails."
     )
     lock_timeout_seconds: float = Field(30.0, gt=0, description="How long to wait for the ledger lock.")
+    controller: bool = Field(
+        True, description="Send boost operations to the cluster's boost controller (a Ray actor on the head). "
+        "Off: every process changes the records itself under the cluster-wide ledger lock, and a boost "
+        "ends when the grid-expire flow or the next request sees it overdue.",
+    )
+    controller_wait_seconds: float = Field(
+        60.0, gt=0, description="How long a caller waits for the boost controller to answer (or to come back "
+        "after a restart) before it gives up with an error.",
+    )
     vram_wait_seconds: float = Field(
         30.0, ge=0, description="How long a GPU task waits on its node for its VRAM to fit under the cap before it fails."
     )

@@ -373,7 +373,15 @@ class BoostStore:
 
     def save_cluster(self, spec: ClusterSpec, name: str = "default") -> UUID:
         _register(GridCluster)
-        return GridCluster.from_spec(spec).save(name, overwrite=True)
+        saved = GridCluster.from_spec(spec).save(name, overwrite=True, _sync=True)
+        for listener in CLUSTER_SAVED_LISTENERS:
+            listener(name)
+        return saved
+
+
+# Called with the block name after save_cluster: the boost controller (control.client) reads
+# the definition again at once instead of within its cache time.
+CLUSTER_SAVED_LISTENERS: list = []
 
 
 def _in_grid_flow_run() -> bool:
