@@ -32,7 +32,10 @@ import json, sys, time
 from grid_flows.control import boosts
 from grid_flows.errors import NoCapacity
 until, out = float(sys.argv[1]), sys.argv[2]
-boosts.release(boosts.request("gpu-master", cpu=0.5, duration="10m").id)  # warm: connection, controller
+try:  # warm: connection, controller (8 clients at once may find the 3 CPUs of shares taken)
+    boosts.release(boosts.request("gpu-master", cpu=0.5, duration="10m").id)
+except NoCapacity:
+    pass
 start = float(sys.argv[3])
 while time.time() < start:
     time.sleep(0.01)  # every client starts together
@@ -44,6 +47,7 @@ while time.time() < until:
         b = boosts.request("gpu-master", cpu=0.5, duration="10m")
     except NoCapacity:
         refused += 1
+        time.sleep(0.02)  # all 6 slots taken: ask again shortly
         continue
     latencies.append(time.perf_counter() - t0)
     granted += 1
@@ -66,8 +70,8 @@ def admission_throughput(address: str, clients: int = CLIENTS, seconds: float = 
     until = start + seconds
     procs = [subprocess.Popen([sys.executable, "-c", _CLIENT, str(until), str(tmp / f"c{i}.json"), str(start)],
                               env=env, cwd=ROOT, stderr=subprocess.PIPE) for i in range(clients)]
-    samples = violations = orphans = 0
-    suspects: set[str] = set()
+    samples = violations = stale = 0
+    unnamed_for: dict[str, int] = {}  # group -> consecutive samples with no live record naming it
     try:
         while time.time() < until + 5 and any(p.poll() is None for p in procs):
             groups = set(rc.grid_groups())
@@ -79,9 +83,10 @@ def admission_throughput(address: str, clients: int = CLIENTS, seconds: float = 
             except InvariantViolation:
                 violations += 1
             named = {b.placement_group for b in live}
-            unnamed = groups - named
-            orphans += len(unnamed & suspects)  # unnamed in two samples in a row
-            suspects = unnamed
+            # A grant in flight has its group before its record (the claim is in the controller's
+            # memory): only a group unnamed for 5 samples in a row counts as stale.
+            unnamed_for = {g: unnamed_for.get(g, 0) + 1 for g in groups - named}
+            stale += sum(1 for n in unnamed_for.values() if n == 5)
             time.sleep(1.0)  # the sampling period
         for p in procs:
             if p.wait(timeout=120) != 0:
@@ -90,6 +95,9 @@ def admission_throughput(address: str, clients: int = CLIENTS, seconds: float = 
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    with BoostStore() as store:  # every client is done: each group must have a live record
+        named = {b.placement_group for b in store.list()}
+    orphans = len(set(rc.grid_groups()) - named)
     outs = [json.load(open(tmp / f"c{i}.json")) for i in range(clients)]
     granted = sum(o["granted"] for o in outs)
     refused = sum(o["refused"] for o in outs)
@@ -101,10 +109,11 @@ def admission_throughput(address: str, clients: int = CLIENTS, seconds: float = 
         measured=f"{rate:.1f} grants/s ({granted} granted, {refused} refused for lack of room); "
                  f"request p50 {p50:.0f} ms under this load",
         baseline=f"Kueue's published 15,000 workloads in 351 s = 42.7/s (other hardware, no durable write per "
-                 f"admission); {samples} samples: {violations} over-grants, {orphans} orphan groups",
+                 f"admission); {samples} samples: {violations} over-grants, {stale} groups unnamed >= 5 s; "
+                 f"{orphans} orphan groups at the end",
         ratio=f"{rate / GOAL_PER_SECOND:.2f}x of the goal",
         goal=f">= {GOAL_PER_SECOND:.0f} grants/s, 0 over-grants, 0 orphans",
-        passed=rate >= GOAL_PER_SECOND and violations == 0 and orphans == 0,
+        passed=rate >= GOAL_PER_SECOND and violations == 0 and orphans == 0 and stale == 0,
         note="each grant is one durable Prefect write and each release two (history create, live delete), "
              "all under the controller's lock; the Prefect server (SQLite) and the 2 shared cores bound it",
     )

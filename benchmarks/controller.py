@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import quiet_environment  # noqa: E402
+from benchmarks.common import Result, quiet_environment  # noqa: E402
 
 quiet_environment()  # before ray or prefect is imported
 
@@ -32,7 +32,10 @@ def main() -> int:
             ("admission throughput", lambda: [admission_throughput.admission_throughput(address)]),
         ):
             print(f"{label} ...", flush=True)
-            results += step()
+            try:
+                results += step()
+            except Exception as exc:  # report, don't hide: the row says it failed to run
+                results.append(Result(label, f"ERROR: {type(exc).__name__}: {exc}"[:300], "-", "-", "-", False))
             I._clean()
     print(f"\n{machine()}\n{versions()}\n")
     print("\n".join(table(results)))

@@ -80,6 +80,48 @@ plus a flow run's start-up, and uniform in between. Without the flow the same bo
 ledger touch (row 4b) or, when a runner holds them, within the grace after expiry (the runner ends
 them itself; `tests/integration/test_lifecycle.py` asserts < grace + 1.5 s).
 
+### Boost controller rows (3, 4a-4c, 9): the run of 2026-12-04 17:08 UTC
+
+Command: `.venv/bin/python -m benchmarks.controller` (rows 3, 4a-4c and 9 of `make bench`, with their own
+Prefect server and 3-node Ray cluster), run 2026-12-04 17:08 UTC on this machine (2 cores, shared), 231 s.
+The full `make bench` table above was not re-run for this change; its rows 3 and 4 are from before
+the controller.
+
+
+What dominates each number:
+
+- **3. grant, p50 72.5 ms (46.6 and 57.0 ms in two earlier runs the same hour; goal 60 ms).** Through
+  the controller a grant is one actor call, the placement group (the baseline, ~4 ms) and one durable
+  Prefect write: the record's `create_block_document`, p50 26-31 ms on this SQLite server (timed on the
+  off path in the same run). No reads: the live records are in memory. The `grid-boosts` table and the
+  event are sent after the answer. With the controller off the same request is 198-244 ms: eight
+  sequential Prefect calls (the detail lines under the row in the script's output). The p90 of this
+  run, 1.8 s, comes from a few grants whose group Ray placed only after ~1.8 s: Ray backs off
+  before it places a new group on a node whose bundle it has just freed
+  (docs/architecture.md, "Ray facts"). The first two runs had no such outlier (p90 58-80 ms).
+- **4a. release -> capacity usable, p50 183 ms; one outlier of 2.3 s (n=8).** The record's end (history
+  create and live delete, two writes) before the group is removed, then Ray frees the bundle (the
+  ~100 ms baseline). The outlier is the same Ray backoff as above, seen by the next group.
+- **4b. expiry with no maintenance flow and nothing touching the ledger, p50 168 ms, max 189 ms
+  (n=20): PASS.** The controller's timer wakes at `expires_at` (it sleeps until the next deadline) and
+  ends the boost. Before the controller this was "never", or 6-27 s with the 30 s `grid-expire` flow
+  served. An earlier run had one 2.5 s outlier (the Ray backoff again).
+- **4c. preemption -> the victim's runner stops routing, p50 92 ms, max 118 ms (n=10; goal p99 <=
+  100 ms): FAIL by 18 ms.** Timed from the high-priority request, so it includes starting the
+  preemptor's group and the notice's durable write (~30 ms) before the controller pushes the change
+  through `watch()`. An earlier run: p50 68 ms, max 105 ms. With the controller off the runner reads
+  its records once a second: p50 1.05 s.
+- **9. admission throughput: 0.5 grants/s against a goal of 50: FAIL, not yet understood.** With 8
+  processes asking for 0.5 CPU each against 6 slots (3 lendable CPUs), 28 grants in 60 s, 2,037
+  refusals, granted requests p50 7.7 s. There were 0 over-grants in 91 samples, and 0 orphan groups at
+  the end. 24 groups stayed unnamed for 5 s or more: grants in flight, whose claim is only in the
+  controller's memory. Counting claims in flight when choosing a lender did not change it (0.4 grants/s
+  before that change). The suspects: Ray places groups first in, first out and backs off before it
+  places a group on a node whose bundle it has just freed, so a group that waits for freed tokens
+  holds up every group created after it for up to the 2 s grant timeout. Also, each release is two
+  Prefect writes under the controller's one lock. Kueue's published figure (15,000 workloads in 351 s,
+  42.7/s) admits without a durable write per workload.
+
 ## Findings
 
 ### Decision cost: under 50 µs at 1,000 nodes with the runner's OffloadIndex

@@ -175,13 +175,17 @@ def boost_status(
     include_ended: bool = typer.Option(False, "--all", help="Include ended boosts."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     watch: bool = typer.Option(False, "--watch", help="Redraw the table at each change, as the boost controller "
-                               "tells it (and every 5 s for the time left), until Ctrl-C."),
+                               "tells it, until Ctrl-C."),
+    redraw_every: float = typer.Option(5.0, "--every", metavar="SECONDS",
+                                help="With --watch: also redraw this often, for the time left."),
 ) -> None:
     """Show boosts: source -> target, resources, priority, state, time left, and totals."""
     from grid_flows.api import list_boosts
 
     if watch and as_json:
         raise InvalidRequest("--watch redraws a table: it does not go with --json")
+    if not (0 < redraw_every <= 3600):
+        raise InvalidRequest(f"--every: give a number of seconds between 0 and 3600, got {redraw_every:g}")
     # Live records only, unless --all: the history (bounded by the cluster's retention) is
     # read only when asked for, so status costs the same however many boosts have ended.
     every = list_boosts(include_ended=include_ended)
@@ -190,12 +194,12 @@ def boost_status(
         out.print_json(data=[boost_json(b) for b in shown])
         return
     if watch:
-        _watch_status(node, include_ended)
+        _watch_status(node, include_ended, redraw_every)
         return
     out.print(_status_table(every, shown, include_ended))
 
 
-def _watch_status(node: Optional[str], include_ended: bool) -> None:
+def _watch_status(node: Optional[str], include_ended: bool, every: float) -> None:
     from rich.live import Live
 
     from grid_flows.api import list_boosts
@@ -205,14 +209,19 @@ def _watch_status(node: Optional[str], include_ended: bool) -> None:
         every = list_boosts(include_ended=include_ended)
         return _status_table(every, [b for b in every if node is None or node in (b.source, b.target)], include_ended)
 
-    version = None
-    with Live(render(), console=out, auto_refresh=False) as live:
-        try:
+    version = client.wait_for_change(None, timeout=0)  # before the first read: no change falls in between
+    try:
+        if not out.is_terminal:  # a pipe or a file: one table after another, each stamped
             while True:
-                version = client.wait_for_change(version, timeout=5.0)
+                out.print(f"-- {utcnow():%H:%M:%S} UTC", highlight=False)
+                out.print(render())
+                version = client.wait_for_change(version, timeout=every)
+        with Live(render(), console=out, auto_refresh=False) as live:
+            while True:
+                version = client.wait_for_change(version, timeout=every)
                 live.update(render(), refresh=True)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
 
 
 def _status_table(every: list[Boost], shown: list[Boost], include_ended: bool):

@@ -236,10 +236,19 @@ def request(
             return already
         # Elsewhere, whoever touches the ledger ends what is due; in the controller its timer does.
         gone = {b.id for b in expire_overdue(store, boosts=live)} if _controller is None else set()
-        lent = ledger.held_by_lender(b for b in live if b.id not in gone)
+        # The controller sees every claim in flight: counting them, it sends a request only to a
+        # lender with room, instead of queueing a group Ray cannot place (which would hold up
+        # every group created after it for the grant timeout).
+        lent = ledger.held_by_lender((b for b in live if b.id not in gone), count_pending=_controller is not None)
         nodes = rc.grid_nodes()
         timeout = GridSettings().grant_timeout_seconds
-        for attempt, lender in enumerate(_candidates(spec, target, source, resources, nodes, lent)):
+        candidates = _candidates(spec, target, source, resources, nodes, lent)
+        if not candidates and _controller is not None and _controller.resync(store, at_most_every=1.0):
+            # Nothing fits by the records in memory: a process with the controller off may have
+            # ended some. Read them again (at most once a second) before saying no.
+            lent = ledger.held_by_lender(store.list(), count_pending=True)
+            candidates = _candidates(spec, target, source, resources, nodes, lent)
+        for attempt, lender in enumerate(candidates):
             boost = ledger.new_boost(
                 _attempt_id(key, attempt), source=lender, target=target, resources=resources, priority=prio,
                 duration_seconds=seconds, now=utcnow(), origin=origin, requested_by=requester,

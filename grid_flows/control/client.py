@@ -114,19 +114,20 @@ def call(operation: str, *args: Any, **kwargs: Any) -> Any:
 
 
 def wait_for_change(version: int | None, timeout: float) -> int:
-    """Block until the controller has a change after ``version`` (None: the current one) or
-    ``timeout`` passes; the version to wait from next. With the controller off, just wait."""
+    """Block until the controller has a change after ``version`` or ``timeout`` passes; the
+    version to wait from next. ``version=None``: the current version, without waiting. With
+    the controller off, just wait."""
     import ray
 
     from grid_flows.adapters.ray import cluster as rc
 
     if not enabled():
-        time.sleep(timeout)  # no one to tell us: the caller redraws on this period instead
+        time.sleep(timeout if version is not None else 0)  # no one to tell us: redraw on this period instead
         return version or 0
     rc.connect()
     handle = controller()
-    if version is None:
-        version = ray.get(handle.status.remote(), timeout=settings_wait())["version"]
+    if version is None:  # the current version, at once
+        return ray.get(handle.status.remote(), timeout=settings_wait())["version"]
     return ray.get(handle.watch.remote(version, timeout), timeout=timeout + settings_wait())["version"]
 
 

@@ -69,6 +69,7 @@ class Memory:
         self.version = 0
         self.floor = 0  # the log holds every change after this version (older ones fell off)
         self.log: deque[tuple[int, Boost]] = deque(maxlen=LOG_SIZE)
+        self.touched: dict[str, int] = {}  # boost id -> the version of its last change here
 
     def put(self, boost: Boost, *, durable: bool) -> None:
         with self.cond:
@@ -76,6 +77,9 @@ class Memory:
                 self.live.pop(boost.id, None)
                 self.durable.discard(boost.id)
                 self.held.discard(boost.id)
+                if len(self.touched) > LOG_SIZE:  # ended ones are only needed during a resync's read
+                    for old_id in [i for i in self.touched if i not in self.live][: LOG_SIZE // 2]:
+                        del self.touched[old_id]
             else:
                 self.live[boost.id] = boost
                 if not durable:  # a claim: not a change a watcher can rely on until it is written
@@ -89,23 +93,32 @@ class Memory:
         with self.cond:
             self.live.pop(boost_id, None)
             self.durable.discard(boost_id)
+            self.touched.pop(boost_id, None)
             self.cond.notify_all()
 
-    def replace_durable(self, records: Iterable[Boost]) -> None:
-        """The live records as Prefect has them now; claims in flight (not yet durable) stay."""
+    def replace_durable(self, records: Iterable[Boost], read_since: int) -> None:
+        """The live records as Prefect had them in a read that began at version ``read_since``.
+
+        A record this controller changed after the read began is newer here and is kept;
+        claims in flight (not yet durable) stay. Everything else takes Prefect's word: a
+        process with the controller off may have granted or ended it."""
         with self.cond:
-            claims = {i: b for i, b in self.live.items() if i not in self.durable}
             fresh = {b.id: b for b in records if not b.state.ended}
+            newer = {i for i, v in self.touched.items() if v > read_since}
+            gone = [i for i in self.durable if i not in fresh and i not in newer]
             for boost_id, boost in fresh.items():
-                if self.live.get(boost_id) != boost:
+                if boost_id not in newer and self.live.get(boost_id) != boost:
+                    self.live[boost_id] = boost
+                    self.durable.add(boost_id)
                     self._changed(boost)
-            if set(self.durable) - set(fresh):  # ended behind our back: a watcher needs the whole set
+            for boost_id in gone:
+                self.live.pop(boost_id, None)
+                self.durable.discard(boost_id)
+                self.held.discard(boost_id)
+            if gone:  # ended behind our back: a watcher needs the whole set
                 self.version += 1
                 self.log.clear()
                 self.floor = self.version
-            self.live = {**fresh, **claims}
-            self.durable = set(fresh)
-            self.held &= set(self.live)
             self.cond.notify_all()
 
     def snapshot(self) -> list[Boost]:
@@ -123,6 +136,7 @@ class Memory:
     def _changed(self, boost: Boost) -> None:
         self.version += 1
         self.log.append((self.version, boost))
+        self.touched[boost.id] = self.version
         self.cond.notify_all()
 
 
@@ -275,6 +289,7 @@ class BoostController:
         self._local = threading.local()
         self._spec: ClusterSpec | None = None
         self._spec_read_at = 0.0
+        self._resynced_at = float("-inf")
         self._spec_lock = threading.Lock()
         self.publisher = Publisher(self.memory, self._context)
         self._enders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grid-controller-end")
@@ -322,18 +337,18 @@ class BoostController:
                 self._spec_read_at = time.monotonic()
             return self._spec
 
-    def resync(self, store: ControllerStore) -> bool:
-        """Take the live records from Prefect again, for changes made with the controller off.
-
-        Read without the lock (it is one list call, and grants wait on the lock); applied
-        only if nothing changed meanwhile, else a record written during the read would look
-        gone. False when skipped: the next resync tries again."""
+    def resync(self, store: ControllerStore, at_most_every: float = 0.0) -> bool:
+        """Take the live records from Prefect again, for changes made with the controller off;
+        False if one was taken less than ``at_most_every`` seconds ago. Read without the lock
+        (grants wait on it); a record changed here during the read is newer than the read and
+        kept (``Memory.replace_durable``)."""
+        with self._spec_lock:
+            if time.monotonic() - self._resynced_at < at_most_every:
+                return False
+            self._resynced_at = time.monotonic()
         version = self.memory.version
         records = store.read_durable()
-        with self.lock():
-            if self.memory.version != version:
-                return False
-            self.memory.replace_durable(records)
+        self.memory.replace_durable(records, read_since=version)
         return True
 
     # -- the actor's methods ------------------------------------------------------------

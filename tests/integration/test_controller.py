@@ -166,7 +166,8 @@ def test_the_boosts_table_and_events_are_published_in_the_background(grid):
 
 
 def test_wait_for_change_wakes_on_a_change_and_times_out_without_one(grid):
-    start = _status()["version"]
+    start = client.wait_for_change(None, timeout=5)  # the current version, at once
+    assert start == _status()["version"]
     boost = request_boost("gpu-master", cpu=1, source="gpu2", duration="10m")
     after = client.wait_for_change(start, timeout=5)
     assert after > start
@@ -180,3 +181,35 @@ def test_status_watch_refuses_json_in_one_line(grid, capsys):
 
     code, _, err = grid_cli(capsys, "boost", "status", "--watch", "--json")
     assert code == 2 and "--watch redraws a table" in err and "Traceback" not in err
+
+
+def test_status_watch_redraws_when_a_boost_is_granted_and_stops_on_ctrl_c(grid):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "grid_flows.cli.app", "boost", "status", "--watch",
+                             "--every", "120"],
+                            env={**grid.env(), "COLUMNS": "200"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        _until(lambda: any("total" in line for line in seen), 60, "the first table")
+        boost = request_boost("gpu-master", cpu=1, source="gpu2", duration="10m")
+        # Told by the controller: the periodic redraw is 120 s away.
+        try:
+            _until(lambda: any(boost.id[:8] in line for line in seen), 30, "the table showing the new boost")
+        except AssertionError as exc:
+            proc.kill()
+            proc.wait(timeout=30)
+            raise AssertionError(f"{exc}; the command printed: {''.join(seen)[-1500:]}; "
+                                 f"stderr: {proc.stderr.read()[-3000:]}") from None
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=30)
+    assert code == 0, proc.stderr.read()[-2000:]

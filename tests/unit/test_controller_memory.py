@@ -42,11 +42,22 @@ def test_a_resync_takes_prefects_records_and_keeps_claims_in_flight():
     memory.put(in_state(S.active, "gone"), durable=True)  # ended by a process with the controller off
     memory.put(pending("claim"), durable=False)
     before = memory.version
-    memory.replace_durable([in_state(S.active, "kept"), in_state(S.active, "new")])
+    memory.replace_durable([in_state(S.active, "kept"), in_state(S.active, "new")], read_since=before)
     assert sorted(b.id for b in memory.snapshot()) == ["claim", "kept", "new"]
     assert memory.durable == {"kept", "new"}
     version, changed, complete = memory.changes_since(before)
     assert not complete and sorted(b.id for b in changed) == ["claim", "kept", "new"]  # a watcher re-reads all
+
+
+def test_a_resync_keeps_what_changed_here_while_it_read():
+    memory = Memory()
+    memory.put(in_state(S.active, "ended-here"), durable=True)
+    read_since = memory.version  # the read of Prefect's records begins
+    memory.put(in_state(S.active, "granted-here"), durable=True)  # written during the read: not in it
+    memory.put(in_state(S.released, "ended-here"), durable=True)  # the read still saw it live
+    memory.replace_durable([in_state(S.active, "ended-here")], read_since=read_since)
+    assert sorted(b.id for b in memory.snapshot()) == ["granted-here"]
+    assert memory.durable == {"granted-here"}
 
 
 def test_a_watcher_further_behind_than_the_log_gets_the_whole_live_set():
