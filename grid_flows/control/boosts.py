@@ -1,8 +1,10 @@
 """Boost operations: the one code path behind the Python API, the CLI and the flows.
 
-Why one module of ~700 lines: request, activate, end and preempt share the ledger lock and
+Why one module of ~860 lines: request, activate, end and preempt share the ledger lock and
 the crash-safe ordering of docs/architecture.md section 4; kept together, that ordering can
-be read (and reviewed) in one place. The decisions themselves are in ``grid_flows.core``.
+be read (and reviewed) in one place, with the few lines that send each operation to the
+boost controller in front of it. The decisions themselves are in ``grid_flows.core``; the
+controller and its client are ``control.controller`` and ``control.client``.
 
 Each operation validates everything before it touches anything, so a rejected request
 leaves no record and no placement group behind. Ray arbitrates capacity (a placement
@@ -280,13 +282,10 @@ def _granted_earlier(request_key: str, lenders: int) -> Boost | None:
     lost to a restart; the rebuild read the record back). Elsewhere a request is never resent."""
     if _controller is None:
         return None
+    ids = [_attempt_id(request_key, attempt) for attempt in range(lenders + 1)]
     with _controller.memory.cond:
-        live = dict(_controller.memory.live)
-    for attempt in range(lenders + 1):
-        boost = live.get(_attempt_id(request_key, attempt))
-        if boost is not None and boost.state is BoostState.active:
-            return boost
-    return None
+        found = [_controller.memory.live.get(boost_id) for boost_id in ids]
+    return next((b for b in found if b is not None and b.state is BoostState.active), None)
 
 
 def requested_by() -> str:

@@ -126,13 +126,10 @@ def wait_for_change(version: int | None, timeout: float) -> int:
         return version or 0
     rc.connect()
     handle = controller()
+    wait = GridSettings().controller_wait_seconds
     if version is None:  # the current version, at once
-        return ray.get(handle.status.remote(), timeout=settings_wait())["version"]
-    return ray.get(handle.watch.remote(version, timeout), timeout=timeout + settings_wait())["version"]
-
-
-def settings_wait() -> float:
-    return GridSettings().controller_wait_seconds
+        return ray.get(handle.status.remote(), timeout=wait)["version"]
+    return ray.get(handle.watch.remote(version, timeout), timeout=timeout + wait)["version"]
 
 
 def _forget(handle) -> None:
@@ -145,8 +142,6 @@ def tell_cluster_changed(cluster: str | None = None) -> None:
     """After the cluster block is saved: the running controller reads it before its next decision."""
     import ray
 
-    from grid_flows.adapters.ray import cluster as rc
-
     if not (enabled() and ray.is_initialized()):
         return  # no connection: the controller re-reads the block within SPEC_TTL_SECONDS anyway
     try:
@@ -156,4 +151,3 @@ def tell_cluster_changed(cluster: str | None = None) -> None:
         return  # not running: it reads the block when it starts
     except Exception as exc:
         logger.warning("could not tell the boost controller that the cluster changed: %s", exc)
-    del rc

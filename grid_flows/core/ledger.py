@@ -153,8 +153,8 @@ def transition(
 
 
 def overdue(boosts: Iterable[Boost], now: datetime) -> list[Boost]:
-    """Active boosts whose lease ran out at ``now``."""
-    return [b for b in boosts if b.is_overdue(now)]
+    """Active boosts whose lease ran out at ``now`` (``due_to_end`` with nothing held)."""
+    return [b for b, _ in due_to_end(boosts, now)]
 
 
 def due_to_end(boosts: Iterable[Boost], now: datetime, *, held: AbstractSet[str] = frozenset(),

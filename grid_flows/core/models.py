@@ -1,6 +1,6 @@
 """Plain data of grid-flows: resources, the cluster definition and boosts.
 
-Why one module of ~550 lines: these are the shapes every layer speaks (resources, the
+Why one module of ~520 lines: these are the shapes every layer speaks (resources, the
 cluster definition and its validation, boosts); their validators cross-reference each
 other, so splitting them would only add imports between small files.
 

@@ -16,6 +16,7 @@ from grid_flows.adapters.prefect.store import BoostStore
 from grid_flows.adapters.ray import cluster as rc
 from grid_flows.control import boosts, client
 from grid_flows.core.models import BoostState, Resources
+from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -26,14 +27,11 @@ def _record(boost_id: str):
 
 
 def _until(predicate, timeout: float, what: str):
-    """Poll ``predicate`` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)  # polling the records, bounded by ``timeout``
-    raise AssertionError(f"{what}: not within {timeout} s")
+    """``predicate()``'s first truthy value within ``timeout`` (conftest.wait_for), or fail naming ``what``."""
+    value = wait_for(predicate, bool, timeout)
+    if not value:
+        raise AssertionError(f"{what}: not within {timeout} s")
+    return value
 
 
 def _status() -> dict:
