@@ -10,8 +10,9 @@ uses) and its own 3-node local Ray cluster of the test shape with fast health ch
   hold it briefly and release it; a few are left to expire on their own (3-8 s). Each writes one
   JSON line per event to its own file. NoCapacity is expected and counted; any other error is
   recorded with its message.
-* this process runs ``boosts.reconcile()`` every 10 s (each pass reads the whole history before it
-  prunes it; the records it read are noted, so every ended boost is counted), and samples every
+* this process reads the history and then runs ``boosts.reconcile()`` every 10 s (the pass, in
+  the boost controller, prunes the history to its newest 1,000; the records read here are
+  noted, so every ended boost is counted), and samples every
   ~1 s: over-grants (the live records through ``ledger.check_invariants``, and Ray's view: lend
   tokens used, and the grid groups placed on each lender, within its total), orphan groups (a
   grid group with no live record in two samples >= 1 s apart), and the live-record read that
@@ -259,8 +260,8 @@ class Observations:
 
 @contextlib.contextmanager
 def _watch_history(obs: Observations) -> Iterator[None]:
-    """Note every ended record this process reads. Each reconcile pass reads the whole history
-    before it applies the retention rule, so every ended record is seen (no extra reads)."""
+    """Note every ended record this process reads: the reconciler reads the history before each
+    pass, and the retention rule keeps more than end between two passes, so every one is seen."""
     from grid_flows.adapters.prefect.store import BoostStore
 
     original = BoostStore.history
@@ -386,11 +387,16 @@ def sampler(spec, obs: Observations, stop: threading.Event) -> None:
 
 
 def reconciler(obs: Observations, stop: threading.Event) -> None:
-    """reconcile() every 10 s (each pass reads the history before it prunes it: see _watch_history)."""
+    """reconcile() every 10 s, each pass after a read of the history (see _watch_history)."""
+    from grid_flows.adapters.prefect.store import BoostStore
     from grid_flows.control.boosts import reconcile
 
     while not stop.wait(RECONCILE_SECONDS):
         try:
+            # The pass runs in the boost controller, out of _watch_history's sight: read the
+            # history here first (it keeps the newest 1,000; fewer than that end in 10 s).
+            with BoostStore() as store:
+                store.history()
             t0 = time.perf_counter()
             report = reconcile()
             obs.reconcile_times.append(time.perf_counter() - t0)

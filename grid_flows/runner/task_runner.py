@@ -61,7 +61,7 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
 
-from grid_flows.adapters.prefect.settings import RAY_NAMESPACE, prefect_env_for_workers, ray_address
+from grid_flows.adapters.prefect.settings import RAY_NAMESPACE, GridSettings, prefect_env_for_workers, ray_address
 from grid_flows.adapters.prefect.task_context import serialize_task_context
 from grid_flows.adapters.ray import cluster as rc
 from grid_flows.core.dispatch import (
@@ -237,7 +237,9 @@ class BoostRayTaskRunner(RayTaskRunner):
 
     def __exit__(self, *exc_info: Any) -> None:
         if not self._in_worker and self._dispatcher is not None:
-            self.drain()
+            wait = GridSettings().exit_wait_seconds
+            if not self.drain(timeout=wait):
+                self._give_up_waiting(wait)
             with self._cond:
                 self._stopping = True
                 self._cond.notify_all()
@@ -433,14 +435,29 @@ class BoostRayTaskRunner(RayTaskRunner):
                 if remaining is not None and remaining <= 0:
                     return False
                 if self._state.queue and not (self._dispatcher and self._dispatcher.is_alive()):
-                    gone = RuntimeError("the grid-flows dispatcher thread is gone")
-                    for task in self._state.queue:  # resolve their futures: nobody waits on them for ever
-                        self._state.finished.add(task.key)
-                        self._fail_undispatched(task.key, gone, "could not start")
-                    self._state.queue = []
+                    self._fail_queued(RuntimeError("the grid-flows dispatcher thread is gone"), "could not start")
                     return False
                 self._cond.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
         return True
+
+    def _give_up_waiting(self, waited: float) -> None:
+        """At exit, after ``waited`` seconds: fail the tasks never started and leave the running
+        ones to Ray (as RayTaskRunner does with tasks nobody waited on), naming both."""
+        gone = TimeoutError(f"the flow run ended and the task runner stopped waiting after {waited:.0f} s "
+                            f"(PREFECT_INTEGRATIONS_GRID_EXIT_WAIT_SECONDS)")
+        with self._cond:
+            running = sorted(self._items[k].name for k in self._state.in_flight if k in self._items)
+            self._fail_queued(gone, "did not start")
+        if running:
+            self._say(logging.WARNING, f"the flow run ends with {len(running)} task(s) still running on Ray after "
+                                       f"{waited:.0f} s: {', '.join(running[:10])}; nobody waited on them")
+
+    def _fail_queued(self, exc: BaseException, what: str) -> None:
+        """Resolve every queued task's future to Failed (nobody waits on them for ever). Under the lock."""
+        for task in self._state.queue:
+            self._state.finished.add(task.key)
+            self._fail_undispatched(task.key, exc, what)
+        self._state.queue = []
 
     # -- placing ---------------------------------------------------------------------------
 

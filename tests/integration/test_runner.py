@@ -392,3 +392,38 @@ def test_a_task_ray_refuses_fails_alone_and_the_flow_ends(grid):
     assert state.is_failed()
     assert "could not submit task plus_one" in state.message and "not_a_ray_option" in state.message
     assert time.monotonic() - started < 120
+
+
+@task
+def wait_for_file(path: str) -> str:
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a task nobody waits on; the test lets it end once the flow has
+    return path
+
+
+def test_the_flow_ends_within_the_exit_bound_and_names_what_was_left(grid, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("PREFECT_INTEGRATIONS_GRID_EXIT_WAIT_SECONDS", "2")
+    flag = str(tmp_path / "done")
+    futures = []
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def leaves_work_behind() -> None:
+        stuck = wait_for_file.submit(flag)
+        futures.extend([stuck, plus_one.submit(1, wait_for=[stuck])])  # the second waits on the first
+
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="grid_flows"):
+        leaves_work_behind()
+    try:
+        assert time.monotonic() - started < 60  # not the 60 s the stuck task would take
+        never_started = futures[1]
+        never_started.wait(timeout=10)
+        assert never_started.state.is_failed()
+        assert "did not start task plus_one" in never_started.state.message
+        assert "stopped waiting after 2 s" in never_started.state.message
+        assert any("still running on Ray" in r.message and "wait_for_file" in r.message for r in caplog.records)
+    finally:
+        open(flag, "w").close()
+        futures[0].wait(timeout=60)
+    assert futures[0].result(timeout=60) == flag  # Ray ran it to its end, as RayTaskRunner would

@@ -1,4 +1,4 @@
-"""store.api_client: one TLS context per process, chosen as Prefect's client chooses it."""
+"""store.api_client: one TLS context per process, chosen as Prefect's client chooses it, under GridTransport."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import pytest
 from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_URL, temporary_settings
 
 from grid_flows.adapters.prefect.store import api_client
+from grid_flows.adapters.prefect.transport import GridTransport
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def _verify(client) -> ssl.SSLContext:
-    return client._client._transport._pool._ssl_context
+    transport = client._client._transport
+    assert isinstance(transport, GridTransport)  # writes one at a time, a 503 resent quickly
+    return transport.inner._pool._ssl_context
 
 
 def test_clients_share_one_verifying_context_by_default():

@@ -41,6 +41,10 @@ class GridSettings(PrefectBaseSettings):
         60.0, gt=0, description="How long a caller waits for the boost controller to answer (or to come back "
         "after a restart) before it gives up with an error.",
     )
+    exit_wait_seconds: float = Field(
+        600.0, ge=0, description="How long a BoostRayTaskRunner waits at the flow's end for tasks nobody waited on; "
+        "then it fails those not yet started and leaves the running ones to Ray, saying which.",
+    )
     vram_wait_seconds: float = Field(
         30.0, ge=0, description="How long a GPU task waits on its node for its VRAM to fit under the cap before it fails."
     )

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Iterable
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import BlockDocumentCreate, BlockDocumentUpdate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -34,6 +35,7 @@ from grid_flows.adapters.prefect.blocks import GridBoost, GridBoostHistory, Grid
 from grid_flows.core.models import Boost, ClusterSpec, Resources, utcnow
 from grid_flows.errors import GridError, InvalidRequest, UnknownBoost
 from grid_flows.adapters.prefect.settings import GridSettings
+from grid_flows.adapters.prefect.transport import GridTransport
 from grid_flows.core.units import format_amount, format_bytes, format_duration
 from grid_flows.errors import ClusterNotConfigured
 
@@ -73,16 +75,22 @@ def publish_run_table(key: str, rows: list[dict], description: str, flow_run_id)
 
 def api_client():
     """``get_client(sync_client=True)``, reusing one TLS context per process (same settings as
-    Prefect's own); inside a flow or task run, the run's client. Use as a context manager."""
+    Prefect's own) and sending writes through ``GridTransport`` (one at a time, a 503 resent
+    within milliseconds); inside a flow or task run, the run's client. Use as a context manager."""
     import certifi
     from prefect.context import SyncClientContext
-    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+    from prefect.settings import PREFECT_API_ENABLE_HTTP2, PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
 
     if SyncClientContext.get() is not None:
         return get_client(sync_client=True)
     context = _tls_context_for(bool(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value()),
                                PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
-    return get_client(sync_client=True, httpx_settings={"verify": context})
+    # A transport of our own replaces the client's pool: give it the limits Prefect gives its own.
+    transport = GridTransport(httpx.HTTPTransport(
+        verify=context, http2=bool(PREFECT_API_ENABLE_HTTP2.value()),
+        limits=httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=25),
+    ))
+    return get_client(sync_client=True, httpx_settings={"verify": context, "transport": transport})
 
 
 def _register(block_cls: type) -> tuple[UUID, UUID]:
