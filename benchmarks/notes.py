@@ -300,6 +300,43 @@ with fast health checks, and stops every process it started at the end, also on 
   1,000, and the releases' answers; each
   granted boost must have one), no unexpected error.
 
+### Run 2026-12-04 19:54 UTC, 10 minutes, through the boost controller with GridTransport
+
+Command: `.venv/bin/python -m benchmarks.soak --minutes 10`; 607 s in all, gpu1 killed at +300 s and
+restarted 22.1 s later, on the code of commit d2805bd except the soak's history read (below). For its
+first two minutes a test run shared the 2 cores.
+
+| check | result | verdict |
+|---|---|---|
+| boosts granted | 2085 (337 extended, 176 left to expire) | n/a |
+| boosts ended | 1995: 1910 released, 85 expired; 90 granted without an ended record seen | FAIL (a counting gap, below) |
+| no-capacity answers | 3244 (expected) | n/a |
+| unexpected errors | 0 | PASS |
+| over-grant samples | 0 of 513 samples (max 6 live records) | PASS |
+| wrongly lost | 0 | PASS |
+| boost held on gpu1 across the kill (must end lost) | no ended record seen | FAIL (the same gap) |
+| orphan groups | 0 (at the end before the last reconcile: 0; left after it and the release of every boost: 0); live records left: 0 | PASS |
+| `grid boost status --json` (CLI process) | p50 2.26 s, max 6.34 s; 38 of 46 took 2 s or more | FAIL |
+| baseline: `python -c "import prefect"` | p50 1.74 s, max 2.91 s (n=16) | n/a |
+| live-record read (`store.list()`, what status reads), in-process | p50 44 ms, max 742 ms (n=513) | n/a |
+| reconcile passes | 47 (p50 2.17 s, max 7.54 s); expired 12, lost 2, pruned 1085, removed_groups 37 | PASS |
+
+Workers: granted requests p50 0.12 s (p90 0.43 s), releases p50 0.19 s (p90 0.41 s); the run before
+(19:31 UTC, through the controller but with Prefect's own client) granted 230 boosts in 10 minutes,
+requests p50 4.2 s and releases p50 5.7 s, every one of them behind a 2-8 s resend of a 503.
+
+- **Ended: 1,995 boosts, twice the 1,000 asked for.** The 90 without an ended record and the held
+  gpu1 boost are the soak's counting, not lost records: it noted the ended records its own
+  reconcile passes read before they pruned the history, but with the controller the passes run in
+  the controller's process, so this process saw no history at all ("ended records seen 0") and
+  counted only the releases' answers and the expiries it was told of. Reconcile reported `lost 2`
+  (the gpu1 boosts of the kill) and 0 orphans. The soak now reads the history itself before each
+  pass (the retention keeps the newest 1,000, and fewer than 50 end between two passes).
+- **`grid boost status` p50 2.26 s: FAIL.** The read itself is 44 ms p50 in-process; starting Python
+  and importing Prefect cost 1.74 s p50 in the same run (`import grid_flows.cli.app` is 1.4-1.9 s
+  alone, almost all of it `import prefect`), so on this machine the CLI process takes about 2 s
+  before it reads anything. The 6.34 s maximum fell in the two minutes of the test run.
+
 ### Run 2026-12-04 07:23 UTC, 10 minutes: FAIL (throughput, status time, one Prefect freeze)
 
 Command: `.venv/bin/python -m benchmarks.soak --minutes 10 --keep-logs`; 614 s in all, gpu1 killed

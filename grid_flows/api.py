@@ -171,6 +171,7 @@ def boost(
         if runner is not None:
             # Tasks still running inside the group would be killed by its removal: let them end.
             runner.detach_boost(granted.id, timeout=granted.seconds_left())
+            runner.publish_placements()  # before the flow run's final state
         _boosts.release(granted.id, reason="released when its flow block ended")
         logger.info("Released boost %s", granted.short_id)
 

@@ -82,8 +82,13 @@ async def _run_example(out: str) -> None:
 
     async with get_client() as client:
         keys = {"grid-boosts", f"grid-placements-{flow_run.id}"}
-        found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
-        have = {a.key for a in found}
+        deadline = time.monotonic() + 30  # both are written before the run ends; the bound is for a slow server
+        while True:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+            have = {a.key for a in found}
+            if keys <= have or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
         check(keys <= have, f"missing artifacts: {', '.join(sorted(keys - have))}")
         print(f"  artifacts present: {', '.join(sorted(keys))}")
     with open(out, "w") as fh:

@@ -77,6 +77,7 @@ logger = logging.getLogger("grid_flows.runner.task_runner")
 _REFRESH_SECONDS = 1.0
 WATCH_SECONDS = 1.0  # one long poll of the controller waits at most this long for a change
 _EXAMPLE_REASONS = 5
+_PUBLISH_EVERY_SECONDS = 5.0  # the dispatcher republishes placements at most this often (each is a new version)
 _REMOTE_ONLY_OPTIONS = frozenset({"max_calls"})  # ray.remote() takes them; .options() raises
 _PREEMPTION_NOTICE = "it is being preempted by boost"  # why_unusable while a preemption is under way
 
@@ -150,6 +151,8 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._keys: dict[Any, int] = {}  # Ray object ref -> task key, while in flight
         self._bindings: dict[str, _Binding] = {}
         self._counts: Counter = Counter()
+        self._published: Counter = Counter()  # the counts the placements artifact last showed
+        self._published_at = 0.0  # monotonic time of that publication
         self._reasons: list[str] = []
         self._flow_run_id: Optional[UUID] = None
         self._dispatcher: Optional[threading.Thread] = None
@@ -245,7 +248,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                 self._cond.notify_all()
             self._dispatcher.join(timeout=5)
             self._stop_watching()
-            self._publish_placements()
+            self.publish_placements()
         super().__exit__(*exc_info)
 
     def submit(self, task, parameters: dict[str, Any], wait_for=None, dependencies=None):
@@ -625,9 +628,12 @@ class BoostRayTaskRunner(RayTaskRunner):
                                                  f"{type(exc).__name__}: {exc}")
                     crashed, self._crashed_runs = self._crashed_runs, []
                     to_cancel, self._to_cancel = self._to_cancel, []
+                    idle = self._state.idle
                 for run_id, message in crashed:
                     _mark_crashed(store, run_id, message)
                 _cancel(to_cancel)
+                if idle and time.monotonic() - self._published_at >= _PUBLISH_EVERY_SECONDS:
+                    self.publish_placements()
                 if time.monotonic() - last_refresh > _REFRESH_SECONDS:
                     last_refresh = time.monotonic()
                     try:
@@ -807,11 +813,20 @@ class BoostRayTaskRunner(RayTaskRunner):
 
     # -- what the UI shows -----------------------------------------------------------------
 
-    def _publish_placements(self) -> None:
-        if self._flow_run_id is None or not self._counts:
-            return
+    def publish_placements(self) -> None:
+        """Publish the placements artifact if it changed since last time. Called before the flow
+        run's final state (``boost()`` when its block ends; the dispatcher when the runner goes
+        idle), so whatever reacts to Completed finds it; ``__exit__`` publishes the rest."""
+        with self._cond:
+            if self._flow_run_id is None or not self._counts or self._counts == self._published:
+                return
+            counts, self._published = Counter(self._counts), Counter(self._counts)
+            self._published_at = time.monotonic()
+        self._publish_placements(counts)
+
+    def _publish_placements(self, counts: Counter) -> None:
         rows = []
-        for key, count in sorted(self._counts.items()):
+        for key, count in sorted(counts.items()):
             kind, node = key.split(":", 1)
             pressure = self._state.pressure.get(node)  # what the last placements saw ("-": no fresh sample)
             rows.append({"Placement": kind, "Node": node, "Tasks": count, "Strategy": self.strategy.value,

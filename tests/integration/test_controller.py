@@ -190,8 +190,11 @@ def test_status_watch_redraws_when_a_boost_is_granted_and_stops_on_ctrl_c(grid):
 
     proc = subprocess.Popen([sys.executable, "-m", "grid_flows.cli.app", "boost", "status", "--watch",
                              "--every", "120"],
-                            env={**grid.env(), "COLUMNS": "200"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            env={**grid.env(), "COLUMNS": "200", "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            # A suite started in the background (`make test &`) ignores SIGINT, and so
+                            # would the child: Python then never turns Ctrl-C into KeyboardInterrupt.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -209,5 +212,10 @@ def test_status_watch_redraws_when_a_boost_is_granted_and_stops_on_ctrl_c(grid):
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=30)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack to stderr
+            proc.wait(timeout=30)
+            raise AssertionError(f"no exit within 30 s of Ctrl-C; stacks: {proc.stderr.read()[-6000:]}") from None
     assert code == 0, proc.stderr.read()[-2000:]

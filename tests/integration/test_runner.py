@@ -427,3 +427,26 @@ def test_the_flow_ends_within_the_exit_bound_and_names_what_was_left(grid, monke
         open(flag, "w").close()
         futures[0].wait(timeout=60)
     assert futures[0].result(timeout=60) == flag  # Ray ran it to its end, as RayTaskRunner would
+
+
+def test_placements_are_published_before_the_flow_run_ends(grid):
+    """Whatever reacts to Completed (an Automation, run_deployment) finds the artifact."""
+    from prefect.artifacts import Artifact
+    from prefect.context import get_run_context
+
+    from grid_flows import boost
+
+    @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
+    def boosted_block() -> tuple[str, list[dict] | None]:
+        run_id = str(get_run_context().flow_run.id)
+        with boost(cpu=1, source="gpu1", duration="5m"):
+            [f.result(timeout=60) for f in where.map(range(3))]
+        # Still inside the flow run: the block's end published what was placed.
+        artifact = Artifact.get(f"grid-placements-{run_id}")
+        return run_id, json.loads(artifact.data) if artifact else None
+
+    run_id, rows = boosted_block()
+    assert rows is not None, "no placements artifact before the flow run ended"
+    assert sum(r["Tasks"] for r in rows) == 3
+    latest = json.loads(Artifact.get(f"grid-placements-{run_id}").data)
+    assert latest == rows  # nothing changed after: no second version was needed
