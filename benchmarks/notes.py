@@ -300,6 +300,40 @@ with fast health checks, and stops every process it started at the end, also on 
   1,000, and the releases' answers; each
   granted boost must have one), no unexpected error.
 
+### Run 2026-12-04 21:01 UTC, 10 minutes: all PASS but `grid boost status` in a fresh CLI process
+
+Command: `.venv/bin/python -m benchmarks.soak --minutes 10`; 610 s in all, gpu1 killed at +300 s and
+restarted 22.2 s later, on commit 2577ef0 (the boost controller, GridTransport, the soak reading the
+history before each pass). Nothing else ran on the machine.
+
+| check | result | verdict |
+|---|---|---|
+| boosts granted | 2339 (355 extended, 173 left to expire) | n/a |
+| boosts ended | 2339: 2166 released, 173 expired; 0 granted without an ended record | PASS |
+| no-capacity answers | 3558 (expected) | n/a |
+| extends refused (boost already ended) | 0 (expected) | n/a |
+| unexpected errors | 0 | PASS |
+| over-grant samples | 0 of 513 samples (max 6 live records) | PASS |
+| wrongly lost | 0 (1 rightly lost: on gpu1, ended in the kill window) | PASS |
+| boost held on gpu1 across the kill (must end lost) | 22052f5a ended lost (lender gpu1 is down) 14.4 s after the kill | PASS |
+| orphan groups | 0 (without a live record in 2 samples >= 1 s apart: 6; at the end before the last reconcile: 0; left after it and the release of every boost: 0); live records left: 0 | PASS |
+| `grid boost status --json` (CLI process) | p50 1.92 s, max 2.77 s; 16 of 49 took 2 s or more | FAIL |
+| baseline: `python -c "import prefect"` | p50 1.41 s, max 1.83 s (n=17) | n/a |
+| live-record read (`store.list()`, what status reads), in-process | p50 35 ms, max 567 ms (n=513) | n/a |
+| reconcile passes | 44 (p50 2.64 s, max 6.42 s); expired 11, failed 0, lost 1, pruned 1340, removed_groups 53, restored 0 | PASS |
+
+Workers: granted requests p50 0.09 s (p90 0.38 s, max 2.36 s); releases p50 0.16 s (p90 0.39 s, max
+1.51 s); refused requests p50 0.02 s. The history held at most 1,000 ended records (1,340 pruned).
+
+- **2,339 boosts ended, 0 without an ended record.** The run of 07:23 UTC (no controller, Prefect's
+  own client) ended 308; the one at 19:31 UTC (controller, Prefect's own client) 230: every
+  grant and release there waited behind a 2-8 s resend of a 503 (BENCHMARKS.md, "Prefect writes").
+- **`grid boost status` p50 1.92 s, 16 of 49 calls at 2 s or more: FAIL.** The read itself is 35 ms
+  p50. Starting Python and importing Prefect costs 1.41 s p50 (max 1.83 s) in the same run, and the
+  CLI adds ~0.5 s: its own imports (`import grid_flows.cli.app` is 1.4-1.9 s, nearly all of it
+  `import prefect`), the client's API version check and the read. Under 2 s every time needs a
+  status path that does not import Prefect, or a faster machine than these 2 shared cores.
+
 ### Run 2026-12-04 19:54 UTC, 10 minutes, through the boost controller with GridTransport
 
 Command: `.venv/bin/python -m benchmarks.soak --minutes 10`; 607 s in all, gpu1 killed at +300 s and
