@@ -46,8 +46,6 @@ class GridTransport(httpx.BaseTransport):
     """Sends through ``inner`` (an ``httpx.HTTPTransport``), one write at a time per process,
     resending a 503 quickly."""
 
-    resent = 0  # resends in this process (for benchmarks)
-
     def __init__(self, inner: httpx.BaseTransport) -> None:
         self.inner = inner
 
@@ -62,7 +60,6 @@ class GridTransport(httpx.BaseTransport):
                     return response
                 response.close()
                 time.sleep(delay)
-                GridTransport.resent += 1
             return self.inner.handle_request(request)
 
     def close(self) -> None:
