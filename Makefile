@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit bench soak clean
+.PHONY: demo test unit bench soak peer clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench: $(STAMP)
 SOAK_MINUTES ?= 10
 soak: $(STAMP)
 	$(PY) -m benchmarks.soak --minutes $(SOAK_MINUTES)
+
+# prefect-ray's own test suite against BoostRayTaskRunner, beside RayTaskRunner (scripts/peer.py;
+# ~30 minutes, not part of `make test`). It stops every Ray process of this user: run it alone.
+peer: $(STAMP)
+	$(PY) scripts/peer.py
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit

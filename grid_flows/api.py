@@ -194,7 +194,8 @@ def boosted(
     The flow keeps its name, parameters, retries and other options. Each run requests
     the boost when it starts, uses ``BoostRayTaskRunner`` (the flow's own, if it already
     has one), and releases the boost in a ``finally``; the boost's expiry is the safety
-    net if the process dies.
+    net if the process dies. The runner warms Ray workers on its node and in the boost
+    (``warm_up``) unless the flow's runner sets ``warm_up=False``.
 
     Example:
         ```python
@@ -221,6 +222,9 @@ def boosted(
         runner = fl.task_runner if isinstance(fl.task_runner, BoostRayTaskRunner) else BoostRayTaskRunner(
             strategy=strategy or "local_first"
         )
+        if runner.warm_up is None:  # a boosted flow warms its workers unless its runner says otherwise
+            runner = runner.duplicate()
+            runner.warm_up = True
         fn = fl.fn
         options = dict(target=target, cpu=cpu, gpu=gpu, memory=memory, priority=priority, duration=duration,
                        source=source, on_unavailable=on_unavailable, wait=wait)

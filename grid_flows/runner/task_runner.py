@@ -116,6 +116,9 @@ class BoostRayTaskRunner(RayTaskRunner):
         allow_offload: use other nodes' lendable share without a boost; default from the cluster's
             sharing settings (on unless sharing is disabled).
         init_kwargs: extra ``ray.init`` arguments.
+        warm_up: start Ray workers on the target when the runner enters, and inside each boost
+            when it is attached, so the first tasks do not wait for Python to start and import
+            Prefect (``runner.warmup``). Default: on for ``@boosted`` flows, off otherwise.
 
     Example:
         ```python
@@ -133,8 +136,12 @@ class BoostRayTaskRunner(RayTaskRunner):
         boost_ids: Iterable[str] = (),
         allow_offload: Optional[bool] = None,
         init_kwargs: Optional[dict] = None,
+        warm_up: Optional[bool] = None,
     ):
+        if warm_up is not None and not isinstance(warm_up, bool):
+            raise TypeError(f"warm_up: expected True, False or None, got {warm_up!r}")
         self.strategy = Strategy.parse(strategy)
+        self.warm_up = warm_up
         self.target = target
         self.boost_ids = tuple(boost_ids)
         self.allow_offload = allow_offload
@@ -172,6 +179,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._sharing_mode = SharingMode.share_and_offload
         self._adopt_node_boosts = False
         self._busy_checked_at = float("-inf")
+        self._warm_refs: list = []  # warm-up tasks started by this runner (runner.warmup)
 
     # -- prefect's TaskRunner contract -----------------------------------------------------
 
@@ -183,6 +191,7 @@ class BoostRayTaskRunner(RayTaskRunner):
             boost_ids=self.boost_ids,
             allow_offload=self.allow_offload,
             init_kwargs=self.init_kwargs,
+            warm_up=self.warm_up,
         )
 
     def __reduce__(self):
@@ -190,15 +199,15 @@ class BoostRayTaskRunner(RayTaskRunner):
         return (
             _rebuild_runner,
             (type(self), self.address, self.strategy.value, self.target, self.boost_ids, self.allow_offload,
-             self.init_kwargs),
+             self.init_kwargs, self.warm_up),
         )
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, BoostRayTaskRunner)
             and super().__eq__(other)
-            and (self.strategy, self.target, self.boost_ids, self.allow_offload)
-            == (other.strategy, other.target, other.boost_ids, other.allow_offload)
+            and (self.strategy, self.target, self.boost_ids, self.allow_offload, self.warm_up)
+            == (other.strategy, other.target, other.boost_ids, other.allow_offload, other.warm_up)
         )
 
     def __hash__(self) -> int:
@@ -224,6 +233,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._remote_fn = ray.remote(_run_guarded_task)
         self._remote_fns: dict[tuple, Any] = {}
         self._load_cluster()
+        self._warm(self.target, self._state.budget.get(self.target, Resources()))
         self._start_watching()  # before the first boost is bound: no change to it can be missed
         for boost_id in self.boost_ids:
             from grid_flows.adapters.prefect.store import BoostStore
@@ -348,7 +358,45 @@ class BoostRayTaskRunner(RayTaskRunner):
                                     f"{boost.target} is saturated")
         logger.info("Routing tasks into boost %s on %s (%s)", boost.short_id, boost.source, boost.resources.describe())
         if not shared:
+            self._warm(boost.source, boost.resources, group=handle)
             self._hold(boost.id, True)
+
+    def _warm(self, node: str, room: Resources, *, group: Any = None) -> None:
+        """With ``warm_up``, start Ray workers where tasks will run: on ``node`` (the target), or
+        inside ``group`` (a boost) on it. Warming is an optimisation: a failure is logged, not raised."""
+        if not self.warm_up:
+            return
+        from grid_flows.adapters.prefect.task_context import settings_for_workers
+        from grid_flows.core.warmup import warm_plan
+        from grid_flows.runner.warmup import start_warm_up
+
+        if room.cpu >= UNLIMITED.cpu:  # a plain Ray cluster's node: warm as many as it has CPUs
+            import ray
+
+            room = Resources(cpu=ray.available_resources().get("CPU", 1))
+        plan = warm_plan(room)
+        if not plan.workers:
+            return
+        kind = PlacementKind.boost if group is not None else PlacementKind.target
+        try:
+            options = rc.task_options(kind, plan.hold, node, group=group, labelled=self._labelled)
+            refs = start_warm_up(self._remote_fn, plan.workers, _with_worker_env(options, self._task_env),
+                                 settings_for_workers())
+        except Exception as exc:
+            logger.warning("could not warm workers on %s: %s", node, exc)
+            return
+        with self._cond:
+            self._warm_refs.extend(refs)
+        logger.debug("warming %d Ray workers on %s%s", plan.workers, node, " in a boost" if group is not None else "")
+
+    def wait_for_warm_up(self, timeout: float) -> list[int]:
+        """Wait for this runner's warm-up tasks; the process ids of the workers they left ready.
+        For tests and benchmarks: a flow never needs to wait (its tasks queue behind them in Ray)."""
+        import ray
+
+        with self._cond:
+            refs = list(self._warm_refs)
+        return ray.get(refs, timeout=timeout)
 
     def _hold(self, boost_id: str, held: bool) -> None:
         """Tell the controller this flow routes tasks into the boost: at its deadline it gets
@@ -844,9 +892,9 @@ class BoostRayTaskRunner(RayTaskRunner):
             logger.warning("could not publish the placements artifact: %s", exc)
 
 
-def _rebuild_runner(cls, address, strategy, target, boost_ids, allow_offload, init_kwargs):
+def _rebuild_runner(cls, address, strategy, target, boost_ids, allow_offload, init_kwargs, warm_up=None):
     return cls(address=address, strategy=strategy, target=target, boost_ids=boost_ids,
-               allow_offload=allow_offload, init_kwargs=init_kwargs)
+               allow_offload=allow_offload, init_kwargs=init_kwargs, warm_up=warm_up)
 
 
 def _cancel(refs: list) -> None:

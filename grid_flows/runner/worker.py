@@ -92,14 +92,20 @@ def guard_task(
     return report
 
 
-def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, **kwargs: Any) -> Any:
+def _run_guarded_task(*upstream_refs: Any, grid_guard: Any = None, grid_warm_up: Any = None, **kwargs: Any) -> Any:
     """Runs in the Ray worker: apply the node's resource mode, then prefect-ray's task body
     under the worker's cached settings and open API client (task_context.py).
 
     ``grid_guard`` is (NodeSpec, GPUs needed, VRAM bytes needed or None): priority is lowered
     as the mode says, and a GPU task waits for the node's throttle and its VRAM cap before it
-    starts (:func:`guard_task`).
+    starts (:func:`guard_task`). ``grid_warm_up`` (the flow's serialized settings) makes the
+    call a warm-up instead (``runner.warmup``): it prepares the worker, runs no task, and
+    returns the worker's pid. Through this function, so the worker also has it loaded.
     """
+    if grid_warm_up is not None:
+        from grid_flows.runner.warmup import prepare_worker
+
+        return prepare_worker(grid_warm_up)
     if grid_guard is not None:
         node, need_gpu, need_vram = grid_guard
         wait = GridSettings().vram_wait_seconds if need_gpu > 0 else 0.0

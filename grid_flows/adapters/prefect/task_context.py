@@ -48,7 +48,7 @@ from prefect.context import (
     _deployment_parameters,
 )
 
-__all__ = ["serialize_task_context", "worker_context", "worker_settings"]
+__all__ = ["serialize_task_context", "settings_for_workers", "worker_context", "worker_settings"]
 
 _lock = threading.Lock()
 # (SettingsContext, its settings, their serialization). The objects are held, so their ids are
@@ -67,6 +67,12 @@ def _settings_part(settings_context: Optional[SettingsContext]) -> dict[str, Any
     with _lock:
         _cached = (settings_context, settings_context.settings, serialized)
     return serialized
+
+
+def settings_for_workers() -> dict[str, Any]:
+    """The current settings as ``serialize_task_context`` sends them with each task (the same
+    dict object while the settings are the same): what a warm-up prepares a worker for."""
+    return _settings_part(SettingsContext.get())
 
 
 def serialize_task_context(asset_ctx_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
