@@ -205,6 +205,25 @@ Where a boosted flow's time goes (median of the 3 warm-up runs, printed by the s
   on this machine. Its flow runs `grid boost status` (a fresh process importing Prefect) between the
   grant and the tasks, which gives the warm-up ~2 s but also takes a core from it.
 
+### Dependency chains (rows 12a, 12b): the run of 2026-12-04 23:29 UTC
+
+Command: `.venv/bin/python -m benchmarks.chains` (its own Prefect server and 3-node Ray cluster, 194 s):
+trivial tasks, no boost, both runners in one Ray job (warm workers, one untimed run each first), 5
+repetitions alternating, each flow waiting for its last result.
+
+| benchmark | measured | same-run baseline | ratio: median [min..max] | goal | result |
+|---|---|---|---|---|---|
+| 12a. 15-task wait_for chain | BoostRayTaskRunner 3.15 s [1.12..3.19] | prefect-ray RayTaskRunner 9.13 s [7.09..13.11] | 0.35x [0.09..0.45] | wall-time ratio <= 1.1 | PASS |
+| 12b. 50-task fan-in (one task takes all 50 results) | BoostRayTaskRunner 6.19 s [2.93..7.15] | prefect-ray RayTaskRunner 9.10 s [5.08..11.26] | 0.55x [0.26..1.41] | wall-time ratio <= 1.1 | PASS |
+
+The grid runner still dispatches a dependent only when its upstream tasks have finished (one driver
+round trip per link; the change the issue proposes, placing it when the upstream is dispatched, was
+not made). On this cluster that is the faster way: prefect-ray submits all 15 chain tasks at once and
+each `wait_for` dependent waits inside its own Ray worker, so the chain needs up to 15 workers (their
+start is what its 7-13 s are); the grid runner runs the chain in the workers it has. prefect-ray's
+own `test_dependencies` is slower with the grid runner for another reason: it runs the tasks the
+flow never waited for (README, "Compatibility with prefect-ray").
+
 ### Prefect writes (GridTransport)
 
 Command: `.venv/bin/python -m benchmarks.prefect_writes`, run 2026-12-04 20:06 UTC (its own Prefect

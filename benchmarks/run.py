@@ -53,7 +53,7 @@ def main() -> int:
     results += pure.admission_scale()
 
     from benchmarks import integration as I
-    from benchmarks import admission_throughput, fast_start, isolation, status_history
+    from benchmarks import admission_throughput, chains, fast_start, isolation, status_history
 
     print("starting a local Prefect server and a 3-node Ray cluster ...", flush=True)
     try:
@@ -66,6 +66,7 @@ def main() -> int:
                 ("throttle accuracy", lambda: [I.throttle_accuracy(5)]),
                 ("runner overhead", lambda: [I.runner_overhead(address, RUNNER_TASKS, 5)]),
                 ("fast start", lambda: fast_start.fast_start(address, 3)),
+                ("dependency chains", lambda: chains.chains(address, 5)),
                 ("priority isolation", lambda: [isolation.priority_isolation(address, 5)]),
                 ("status vs ended boosts", lambda: status_history.status_history(STATUS_HISTORY)),
             ]

@@ -20,7 +20,9 @@ which stops every Ray process of this user.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -77,18 +79,27 @@ def run(source: Path, name: str, extra: list[str], workdir: Path) -> dict[str, t
     """One pytest run of prefect-ray's tests; {test id: (outcome, seconds)}."""
     label, options = RUNS[name]
     junit = workdir / f"{name}.xml"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE / "peer"), os.environ.get("PYTHONPATH")])),
+    env = {**os.environ,
+           # the plugin; and prefect-ray's folder, so Ray workers can import the tests' module
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE / "peer"), str(source), os.environ.get("PYTHONPATH")])),
            # the existing-cluster fixture calls the `ray` command
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env.setdefault("RAY_AUTH_MODE", "disabled")  # the same for `ray start` and every client: no token
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "pytest", "tests", "-p", "grid_peer", *options, "-p", "no:cacheprovider",
                f"--junitxml={junit}", f"--timeout={TEST_TIMEOUT_SECONDS}", "-q", "-rfE", *extra]
     print(f"\n== {label}\n$ {' '.join(command)}", flush=True)
     started = time.monotonic()
+    # Its own process group: what the run leaves behind (a Prefect server of a killed harness) goes with it.
+    proc = subprocess.Popen(command, cwd=source, env=env, start_new_session=True)
     try:
-        subprocess.run(command, cwd=source, env=env, timeout=RUN_TIMEOUT_SECONDS)
+        proc.wait(timeout=RUN_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
         print(f"the run did not end within {RUN_TIMEOUT_SECONDS} s", flush=True)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env)
     print(f"   {time.monotonic() - started:.0f} s", flush=True)
     return outcomes(junit)
@@ -118,7 +129,7 @@ def report(results: dict[str, dict[str, tuple[str, float]]]) -> int:
     baseline = results.get("ray", {})
     regressions = 0
     for name, found in results.items():
-        if name == "ray":
+        if name == "ray" or not baseline:
             continue
         for test_id in sorted(set(baseline) | set(found)):
             before, after = baseline.get(test_id, ("-", 0.0)), found.get(test_id, ("missing", 0.0))

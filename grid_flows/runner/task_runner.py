@@ -230,6 +230,17 @@ class BoostRayTaskRunner(RayTaskRunner):
             self.init_kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(worker_env)
             self._task_env = {}
         super().__enter__()
+        try:
+            self._start_driver()
+        except BaseException:
+            self._undo_enter()
+            raise
+        return self
+
+    def _start_driver(self) -> None:
+        """The driver's part of ``__enter__``, once Ray is connected."""
+        import ray
+
         self._remote_fn = ray.remote(_run_guarded_task)
         self._remote_fns: dict[tuple, Any] = {}
         self._load_cluster()
@@ -246,7 +257,26 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._dispatcher = threading.Thread(target=contextvars.copy_context().run, args=(self._dispatch_loop,),
                                             name="grid-dispatcher", daemon=True)
         self._dispatcher.start()
-        return self
+
+    def _undo_enter(self) -> None:
+        """An ``__enter__`` that failed half way leaves nothing behind: the controller watch, the
+        holds on attached boosts, and the Ray connection the runner opened (a ``ray://`` client
+        connection too); the boosts themselves stay the caller's."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._stop_watching()
+        for binding in list(self._bindings.values()):
+            if not binding.shared:
+                self._hold(binding.boost.id, False)
+        if getattr(self, "_owns_ray", False):
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            self._owns_ray = False
+        TaskRunner.__exit__(self, None, None, None)
 
     def __exit__(self, *exc_info: Any) -> None:
         if not self._in_worker and self._dispatcher is not None:

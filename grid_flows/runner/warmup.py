@@ -30,7 +30,10 @@ def prepare_worker(settings: dict[str, Any]) -> int:
     from grid_flows.adapters.prefect.task_context import worker_context
 
     if settings:
-        with worker_context(settings):
+        try:
+            with worker_context(settings):
+                pass
+        except Exception:  # e.g. the API not reachable yet: the first task opens the client itself
             pass
     return os.getpid()
 

@@ -450,3 +450,34 @@ def test_placements_are_published_before_the_flow_run_ends(grid):
     assert sum(r["Tasks"] for r in rows) == 3
     latest = json.loads(Artifact.get(f"grid-placements-{run_id}").data)
     assert latest == rows  # nothing changed after: no second version was needed
+
+
+_FAILED_ENTER = textwrap.dedent(
+    """
+    import threading
+    import ray
+    from grid_flows import BoostRayTaskRunner
+    from grid_flows.errors import GridError
+
+    runner = BoostRayTaskRunner(boost_ids=["0123456789abcdef0123456789abcdef"])  # no such boost
+    try:
+        with runner:
+            print("ENTERED")
+    except GridError as exc:
+        print("REFUSED", type(exc).__name__)
+    print("RAY", ray.is_initialized())
+    print("THREADS", sorted(t.name for t in threading.enumerate() if t.name.startswith("grid-")))
+    print("STARTED", runner._started)
+    """
+)
+
+
+def test_an_enter_that_fails_leaves_no_ray_connection_or_thread_behind(grid):
+    done = subprocess.run([sys.executable, "-c", _FAILED_ENTER], env=grid.env(), capture_output=True, text=True,
+                          timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ENTERED" not in lines and lines[0].startswith("REFUSED")  # the unknown boost is refused
+    assert "RAY False" in lines  # the connection the runner opened is closed again
+    assert "THREADS []" in lines  # the controller watch it had started is stopped
+    assert "STARTED False" in lines
