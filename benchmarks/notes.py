@@ -201,7 +201,7 @@ Where a boosted flow's time goes (median of the 3 warm-up runs, printed by the s
   two runs, above the 0.435x of the last full `make bench` (2026-12-03) with per-repetition ratios from
   0.29x to 0.73x; the warm-up code does nothing for that runner, so this is within the row's noise
   here, but issue 19's "at or below 0.44x" is not shown by these two runs.
-- The demo (`make demo`) prints its makespan next to the ideal: 4.3-4.6 s (2.1-2.3x) in three runs
+- The demo (`make demo`) prints its makespan next to the ideal: 4.0-4.6 s (2.0-2.3x) in four runs
   on this machine. Its flow runs `grid boost status` (a fresh process importing Prefect) between the
   grant and the tasks, which gives the warm-up ~2 s but also takes a core from it.
 
