@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-from benchmarks.common import Result, Stats, quiet_environment, ratio_stats
+from benchmarks.common import Result, Stats, alternating, ratio_stats, run_alone
 
 CHAIN, FAN_IN = 15, 50
 
@@ -63,12 +62,11 @@ def chains(address: str, reps: int = 5) -> list[Result]:
          FAN_IN * (FAN_IN - 1) // 2),
     ):
         grid_flow(), ray_flow()  # untimed: workers started and Prefect imported in them
-        grid_times, ray_times = [], []
-        for i in range(reps):
-            for f in ((grid_flow, ray_flow) if i % 2 == 0 else (ray_flow, grid_flow)):
-                t0 = time.perf_counter()
-                assert f() == expected
-                (grid_times if f is grid_flow else ray_times).append(time.perf_counter() - t0)
+
+        def run(f, expected=expected) -> None:
+            assert f() == expected
+
+        grid_times, ray_times = alternating(lambda: run(grid_flow), lambda: run(ray_flow), reps)
         ratio = ratio_stats(grid_times, ray_times)
         results.append(Result(
             name=name,
@@ -85,17 +83,8 @@ def chains(address: str, reps: int = 5) -> list[Result]:
 
 
 def main(argv: list[str]) -> int:
-    quiet_environment()
     reps = int(argv[0]) if argv else 5
-    from benchmarks import integration as I
-    from benchmarks.run import table
-
-    started = time.time()
-    with I.grid() as (_spec, address):
-        results = chains(address, reps)
-    print("\n" + "\n".join(table(results)))
-    print(f"\n{time.time() - started:.0f} s")
-    return 0
+    return run_alone(lambda address: chains(address, reps))
 
 
 if __name__ == "__main__":

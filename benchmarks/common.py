@@ -82,6 +82,32 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def alternating(measured: Callable[[], object], baseline: Callable[[], object],
+                reps: int) -> tuple[list[float], list[float]]:
+    """Wall times of ``measured`` and ``baseline`` over ``reps`` repetitions, run in turn (the order
+    swaps every repetition, so neither always runs on a machine the other just warmed or loaded)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(reps):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            times[which].append(timed((measured, baseline)[which]))
+    return times
+
+
+def run_alone(rows: Callable[[str], list[Result]]) -> int:
+    """``python -m benchmarks.<one>``: ``rows(ray_address)`` against their own Prefect server and
+    3-node Ray cluster, printed as ``make bench`` prints its table."""
+    quiet_environment()  # before ray or prefect is imported
+    from benchmarks import integration as I
+    from benchmarks.run import table
+
+    started = time.time()
+    with I.grid() as (_spec, address):
+        results = rows(address)
+    print("\n" + "\n".join(table(results)))
+    print(f"\n{time.time() - started:.0f} s")
+    return 0
+
+
 def ratio_stats(measured: list[float], baseline: list[float]) -> Stats:
     """Per-repetition ratios (the i-th measurement over the i-th baseline)."""
     return Stats([m / b for m, b in zip(measured, baseline)])

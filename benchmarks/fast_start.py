@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import Result, Stats, quiet_environment
+from benchmarks.common import Result, Stats, run_alone
 
 IDEAL_SECONDS = 2.0  # 6 tasks of 1 s on 3 slots
 TASKS, SECONDS = 6, 1.0
@@ -208,20 +208,18 @@ _NOTE = ("a Ray worker's start costs ~2 s of CPU here (its imports alone 1.5 s: 
 
 
 def main(argv: list[str]) -> int:
-    quiet_environment()
     reps = int(argv[0]) if argv else 3
-    from benchmarks import integration as I
-    from benchmarks.run import RUNNER_TASKS, table
 
-    started = time.time()
-    with I.grid() as (_spec, address):
+    def rows(address: str) -> list[Result]:
+        from benchmarks import integration as I
+        from benchmarks.run import RUNNER_TASKS
+
         results = fast_start(address, reps)
         I._clean()
         print("runner overhead (row 6) ...", flush=True)
-        results.append(I.runner_overhead(address, RUNNER_TASKS, 5))
-    print("\n" + "\n".join(table(results)))
-    print(f"\n{time.time() - started:.0f} s")
-    return 0
+        return results + [I.runner_overhead(address, RUNNER_TASKS, 5)]
+
+    return run_alone(rows)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import uuid
 from collections import defaultdict
 from typing import Iterator
 
-from benchmarks.common import Result, Stats, ratio_stats
+from benchmarks.common import Result, Stats, alternating, ratio_stats
 
 # The shape tests/conftest.py uses: a 1-CPU head and two lenders.
 BENCH_CLUSTER = {
@@ -437,13 +437,11 @@ def runner_overhead(address: str, n_tasks: int, reps: int = 5) -> Result:
         # warm: worker processes import prefect once
         grid_flow(20)
         ray_flow(20)
-        g_t, r_t = [], []
-        for i in range(reps):
-            order = (grid_flow, ray_flow) if i % 2 == 0 else (ray_flow, grid_flow)
-            for f in order:
-                t0 = time.perf_counter()
-                assert f(n_tasks) == n_tasks * (n_tasks - 1) // 2
-                (g_t if f is grid_flow else r_t).append(time.perf_counter() - t0)
+
+        def run(f) -> None:
+            assert f(n_tasks) == n_tasks * (n_tasks - 1) // 2
+
+        g_t, r_t = alternating(lambda: run(grid_flow), lambda: run(ray_flow), reps)
     finally:
         boosts.release(b.id)
     ratio = ratio_stats(g_t, r_t)

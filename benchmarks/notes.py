@@ -224,6 +224,10 @@ start is what its 7-13 s are); the grid runner runs the chain in the workers it 
 own `test_dependencies` is slower with the grid runner for another reason: it runs the tasks the
 flow never waited for (README, "Compatibility with prefect-ray").
 
+A 2-repetition check at 23:54 UTC (same command with `2`, after the timing loop moved to
+`benchmarks.common.alternating`) gave 12a 0.47x [0.31..0.62] and 12b **1.15x [0.89..1.41], FAIL**: the
+fan-in row is noisy here and close to its goal; its median over 5 repetitions is the number above.
+
 ### Prefect writes (GridTransport)
 
 Command: `.venv/bin/python -m benchmarks.prefect_writes`, run 2026-12-04 20:06 UTC (its own Prefect

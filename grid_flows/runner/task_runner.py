@@ -17,7 +17,7 @@ Lent capacity is used when the target is saturated, as the cluster's sharing mod
 - ``offload_only``: no boosts; tasks go to lenders within their share, the head's own
   capacity is never extended.
 
-Why one module of ~890 lines: it is the one TaskRunner class and the threads that serve it
+Why one module of ~960 lines: it is the one TaskRunner class and the threads that serve it
 (dispatch, the controller watch), which share its lock and state. The decisions are in
 ``core.dispatch`` and ``core.placement``; futures and the worker side are in ``runner.future``
 and ``runner.worker``.
