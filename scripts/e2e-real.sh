@@ -53,11 +53,20 @@ stop_everything() {
     trap - EXIT INT TERM
     log "stopping everything this run started"
     local pid pids
-    # Worker and server first (they use the database), then PostgreSQL, then the rest.
-    for pid in "${DIRECT_PIDS[@]}"; do [[ "$pid" == "${PG_PID:-}" ]] || kill -TERM "$pid" 2>/dev/null; done
-    for _ in $(seq 1 20); do
-        pids=""; for pid in "${DIRECT_PIDS[@]}"; do [[ "$pid" != "${PG_PID:-}" ]] && kill -0 "$pid" 2>/dev/null && pids+="$pid "; done
-        [[ -z "$pids" ]] && break; sleep 0.5
+    # The worker first, while its server still answers (it lets the flow runs it started
+    # finish: up to 60 s); then the server. Then PostgreSQL, then the rest.
+    local i waited
+    for (( i=${#DIRECT_PIDS[@]}; i>=0; i-- )); do
+        if (( i == ${#DIRECT_PIDS[@]} )); then pid="${WORKER_PID:-}"; else pid="${DIRECT_PIDS[$i]}"; fi
+        [[ -z "$pid" || "$pid" == "${PG_PID:-}" ]] && continue
+        kill -0 "$pid" 2>/dev/null || continue
+        kill -TERM "$pid" 2>/dev/null
+        for waited in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "pid $pid did not stop within 60 s of TERM"
+        elif [[ "$pid" == "${WORKER_PID:-}" ]]; then
+            log "worker stopped on TERM (within $(( (waited + 1) / 2 )) s)"
+        fi
     done
     if [[ -n "${PGDATA_DIR:-}" && -f "$PGDATA_DIR/postmaster.pid" ]]; then
         runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w -t 20 stop >/dev/null 2>&1
@@ -161,8 +170,8 @@ OBJECT_STORE=$((78 * 1024 * 1024))
 # draws every other port, so the two can never collide.
 EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 WPORT=$(( 10000 + (RANDOM % ((EPHEMERAL_LOW - 10400) / 100)) * 100 ))
-start_ray_node() {  # start_ray_node NAME INDEX
-    local name="$1" i="$2" tmp="$WORK/n$2" role_args ports
+start_ray_node() {  # start_ray_node NAME INDEX [VAR=VALUE ...]: extra environment for this node only
+    local name="$1" i="$2" tmp="$WORK/n$2" role_args ports node_env=("${@:3}")
     mkdir -p "$tmp"
     read -r -a ports <<<"$(free_ports 6)"
     if [[ "$i" == 0 ]]; then
@@ -171,7 +180,7 @@ start_ray_node() {  # start_ray_node NAME INDEX
     else
         role_args=($("$BIN/grid" node ray-args "$name" --address "$RAY_ADDRESS"))
     fi
-    "$BIN/ray" start "${role_args[@]}" --temp-dir="$tmp" --disable-usage-stats \
+    env "${node_env[@]}" "$BIN/ray" start "${role_args[@]}" --temp-dir="$tmp" --disable-usage-stats \
         --node-ip-address=127.0.0.1 --object-store-memory="$OBJECT_STORE" \
         --node-manager-port="${ports[0]}" --object-manager-port="${ports[1]}" \
         --metrics-export-port="${ports[2]}" --dashboard-agent-listen-port="${ports[3]}" \
@@ -181,7 +190,11 @@ start_ray_node() {  # start_ray_node NAME INDEX
     log "ray node $name started ($(echo $(marked_pids) | wc -w) marked processes so far)"
 }
 start_ray_node gpu-master 0
-start_ray_node gpu1 1
+# gpu1's probe reads a GPU whose load a file sets (scripts/e2e_gpu: the nodes share this
+# machine's CPU and memory, so only a GPU reading can tell them apart). Step 5b loads it.
+GPU1_LOAD="$WORK/gpu1-gpu-load" && echo 0 >"$GPU1_LOAD"
+start_ray_node gpu1 1 "PYTHONPATH=$REPO/scripts/e2e_gpu${PYTHONPATH:+:$PYTHONPATH}" \
+    "GRID_GPU_PROBE=e2e_fake_gpu:FileLoadedGpu" "GRID_E2E_GPU_LOAD_FILE=$GPU1_LOAD"
 start_ray_node gpu2 2
 "$PY" scripts/e2e_verify.py ray-nodes gpu-master gpu1 gpu2
 
@@ -194,8 +207,8 @@ export GRID_FLOWS_ROOT="$REPO"
     || { tail -n 30 "$WORK/deploy.log"; exit 1; }
 grep -E "Deployment '.*' successfully created" "$WORK/deploy.log" | sed 's/^/  /' || true
 "$BIN/prefect" worker start --pool grid-pool --name e2e-worker >>"$WORK/worker.log" 2>&1 &
-DIRECT_PIDS+=("$!")
-log "worker started (pid $!)"
+WORKER_PID="$!" && DIRECT_PIDS+=("$WORKER_PID")
+log "worker started (pid $WORKER_PID)"
 
 # ---------------------------------------------------------------------------------------
 step "5 boosted example deployment"
@@ -208,6 +221,15 @@ STEP="5 expire flow ran on schedule"
 "$PY" scripts/e2e_verify.py expire-ran --timeout 120
 STEP="5 rebalance samples every node on its schedule"
 "$PY" scripts/e2e_verify.py rebalance-sampled gpu-master gpu1 gpu2 --timeout 180
+
+# ---------------------------------------------------------------------------------------
+step "5b a lender made busy is seen as busy"
+"$BIN/grid" boost request gpu-master --cpu 1 --source gpu1 --duration 20m --json >"$WORK/lent-by-gpu1.json"
+LENT_ID="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/lent-by-gpu1.json")"
+echo 100 >"$GPU1_LOAD"
+log "boost $LENT_ID lent by gpu1; gpu1's GPU now reads 100 % busy"
+"$PY" scripts/e2e_verify.py lender-busy gpu1 gpu2 --boost "$LENT_ID" --timeout 240
+echo 0 >"$GPU1_LOAD"
 
 # ---------------------------------------------------------------------------------------
 step "6 prefect server restart with a live boost"
@@ -233,6 +255,15 @@ step "8 release the live boost"
 "$BIN/grid" boost status --json --all >"$WORK/status-final.json"
 "$PY" scripts/e2e_verify.py released-id "$LIVE_ID" --status "$WORK/status-final.json"
 "$BIN/grid" boost status --all
+
+step "9 a lender dies: its boost is lost and the Automation runs grid-reconcile"
+"$BIN/grid" boost request gpu-master --cpu 1 --source gpu2 --duration 20m --json >"$WORK/doomed-boost.json"
+DOOMED_ID="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/doomed-boost.json")"
+KILLED_AT="$(date +%s.%N)"
+pkill -KILL -f -- "$WORK/n2/" || true   # gpu2's raylet and agents (its workers die with the raylet)
+log "gpu2's Ray node killed; boost $DOOMED_ID was lent by it"
+# Ray marks a node dead 12-15 s after its raylet stops answering (its default health check).
+"$PY" scripts/e2e_verify.py automation-fired --boost "$DOOMED_ID" --since "$KILLED_AT" --timeout 45
 
 STEP="done"
 PASSED=1

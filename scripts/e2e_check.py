@@ -27,17 +27,27 @@ class CheckFailed(Exception):
     pass
 
 
-async def artifact_url(ui: str, key: str) -> str:
-    """The UI address of the latest artifact with ``key``, checked against the API."""
+async def artifact_url(ui: str, key: str, flow_run: str | None = None) -> str:
+    """The UI address of the latest artifact with ``key`` (of one flow run, if given), checked
+    against the API."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     async with get_client() as client:
-        found = await client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    if not found:
-        raise CheckFailed(f"no artifact with key {key} in the API")
+        if flow_run is None:
+            found = await client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            latest = found[0].latest_id if found else None
+        else:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                               flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])),
+                sort=ArtifactSort.CREATED_DESC, limit=1)
+            latest = found[0].id if found else None
+    if latest is None:
+        raise CheckFailed(f"no artifact with key {key}{f' on flow run {flow_run}' if flow_run else ''} in the API")
     # /artifacts/key/KEY is the version timeline; the latest version's table is its own page.
-    return f"{ui}/artifacts/artifact/{found[0].latest_id}"
+    return f"{ui}/artifacts/artifact/{latest}"
 
 
 def wait_for_texts(page, texts: list[str], timeout_s: float, what: str) -> str:
@@ -80,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     try:
         url = asyncio.run(artifact_url(args.ui, "grid-boosts"))
+        # Before Playwright starts: its sync API runs an event loop of its own in this thread.
+        placements_url = asyncio.run(artifact_url(args.ui, "grid-placements", args.flow_run))
         with sync_playwright() as pw:
             ctx = pw.chromium.launch_persistent_context(
                 profile, executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS,
@@ -122,16 +134,20 @@ def main(argv: list[str] | None = None) -> int:
                 tab.last.click()
                 page.wait_for_timeout(2500)
                 try:
-                    wait_for_texts(page, [f"grid-placements-{args.flow_run}"], 30, "flow run artifacts tab")
+                    wait_for_texts(page, ["grid-placements"], 30, "flow run artifacts tab")
                     print("  flow run artifacts tab lists the placements artifact")
                 except CheckFailed as exc:
                     failures.append(str(exc))
                 save_page(page, out, "flow-run-artifacts")
 
-            # 4. The placements table itself.
-            page.goto(f"{args.ui}/artifacts/key/grid-placements-{args.flow_run}", wait_until="networkidle",
-                      timeout=60_000)
-            page.wait_for_timeout(3000)
+            # 4. The placements table itself: a row per task run, the counts on top.
+            page.goto(placements_url, wait_until="networkidle", timeout=60_000)
+            try:
+                wait_for_texts(page, ["6 task runs (strategy", "Decision", "Queue wait", "boost", ex_boost["id"][:8]],
+                               45, "placements artifact")
+                print("  placements artifact shows a row per task run, with the boost, and the counts")
+            except CheckFailed as exc:
+                failures.append(str(exc))
             save_page(page, out, "placements-artifact")
             ctx.close()
     except CheckFailed as exc:

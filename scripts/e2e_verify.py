@@ -6,6 +6,12 @@ Each subcommand prints what it saw and exits non-zero with a one-line reason on 
     released --example FILE --status FILE  the example's boost was released
     expire-ran [--timeout S]               the grid-expire deployment has completed scheduled runs
     rebalance-sampled NODE... [--timeout S] two scheduled grid-rebalance runs completed; every node's sample is fresh
+    lender-busy BUSY CALM --boost ID [--timeout S]
+                                           BUSY (its GPU loaded) is seen as busy by the scheduled rebalance,
+                                           CALM is not; boost ID, lent by BUSY, is reclaimed
+    automation-fired --boost ID --since EPOCH [--timeout S]
+                                           boost ID ended lost, and the Automation on grid.boost.lost
+                                           ran grid-reconcile (a run created by it, after EPOCH)
     active ID --status FILE                boost ID is listed active
     released-id ID --status FILE           boost ID is released
 """
@@ -46,7 +52,7 @@ def ray_nodes(names: list[str]) -> None:
 
 async def _run_example(out: str) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.deployments import run_deployment
 
     from grid_flows.adapters.ray.cluster import connect, grid_nodes
@@ -81,11 +87,16 @@ async def _run_example(out: str) -> None:
     print(f"  {len(in_boost)} of 6 tasks ran inside boost {boost.id} on gpu1; the rest on gpu-master")
 
     async with get_client() as client:
-        keys = {"grid-boosts", f"grid-placements-{flow_run.id}"}
+        keys = {"grid-boosts", "grid-placements"}
         deadline = time.monotonic() + 30  # both are written before the run ends; the bound is for a slow server
         while True:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
-            have = {a.key for a in found}
+            # grid-boosts is the cluster's (attached to grid-flows' own runs); grid-placements is this run's.
+            boosts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["grid-boosts"])), limit=1)
+            placements = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["grid-placements"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])),
+                limit=1)
+            have = {a.key for a in boosts + placements}
             if keys <= have or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
@@ -176,6 +187,98 @@ async def _rebalance_sampled(nodes: list[str], timeout: float, fresh_seconds: fl
     check(fresh, f"not every node has a sample fresher than {fresh_seconds:.0f} s: {ages}")
 
 
+async def _lender_busy(busy: str, calm: str, boost_id: str, timeout: float) -> None:
+    """A lender made busy is seen as busy: the scheduled grid-rebalance runs sample its loaded
+    GPU, count it busy (and not the calm lender), and reclaim the boost it lent; the
+    ``grid-pressure`` table shows the load."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from grid_flows.adapters.prefect.metrics_store import load_history
+    from grid_flows.adapters.prefect.store import BoostStore
+    from grid_flows.core.models import BoostState, utcnow
+    from grid_flows.core.policy import busy_reason
+
+    deadline = time.monotonic() + timeout
+    with BoostStore() as store:
+        spec = store.load_cluster()
+    while True:
+        now = utcnow()
+        history = await asyncio.to_thread(load_history, now=now)
+        why_busy, why_calm = busy_reason(spec, history, busy, now), busy_reason(spec, history, calm, now)
+        with BoostStore() as store:
+            boost = next((b for b in store.list(include_ended=True) if b.id == boost_id), None)
+        if (why_busy and boost is not None and boost.state.ended) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(3)
+    sample = history.latest(busy)
+    print(f"  {busy}: newest sample GPU {sample.gpu_util_percent if sample else None}% util; "
+          f"busy: {why_busy or 'no'}; {calm} busy: {why_calm or 'no'}")
+    check(bool(why_busy), f"{busy} was not seen as busy within {timeout:.0f} s")
+    check(not why_calm, f"{calm} was seen as busy too: {why_calm}")
+    check(boost is not None and boost.state is BoostState.preempted,
+          f"boost {boost_id} lent by {busy} is {boost.state.value if boost else 'gone'}, expected preempted")
+    print(f"  boost {boost_id[:8]}: {boost.state.value} ({boost.reason})")
+    check(busy in boost.reason, f"the reclaim's reason does not name {busy}: {boost.reason}")
+    async with get_client() as client:
+        newest = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["grid-pressure"])), sort=ArtifactSort.CREATED_DESC,
+            limit=1)
+    check(bool(newest), "no grid-pressure artifact")
+    rows = {r["Node"]: r for r in json.loads(newest[0].data)}
+    print(f"  grid-pressure: {busy} GPU {rows[busy]['GPU']}, pressure {rows[busy]['Pressure (0-1)']}; "
+          f"{calm} pressure {rows[calm]['Pressure (0-1)']}")
+    check(rows[busy]["GPU"].startswith("100 % util"), f"grid-pressure does not show {busy}'s GPU load: {rows[busy]['GPU']}")
+
+
+async def _automation_fired(boost_id: str, since: float, timeout: float) -> None:
+    """The lender of boost ``boost_id`` was killed at ``since``: the boost controller ends the
+    boost ``lost``, and the Automation declared in deployments/prefect.yaml runs grid-reconcile."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from grid_flows.adapters.prefect.store import BoostStore
+
+    deadline = time.monotonic() + timeout
+    killed = datetime.fromtimestamp(since, timezone.utc)
+    boost, triggered = None, []
+    async with get_client() as client:
+        automations = [a for a in await client.read_automations() if "grid.boost.lost" in str(a.trigger)]
+        check(bool(automations), "no Automation on grid.boost.lost: deployments/prefect.yaml declares one")
+        while time.monotonic() < deadline:
+            with BoostStore() as store:
+                boost = next((b for b in store.list(include_ended=True) if b.id == boost_id), None)
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["grid-reconcile"])))
+            triggered = [r for r in runs if r.created and r.created >= killed and r.created_by
+                         and r.created_by.type == "AUTOMATION"]
+            if triggered and boost is not None and boost.state.ended:
+                break
+            await asyncio.sleep(1)
+    check(boost is not None and boost.state.value == "lost",
+          f"boost {boost_id} is {boost.state.value if boost else 'gone'}, expected lost")
+    print(f"  boost {boost_id[:8]}: lost {(boost.ended_at.timestamp() - since):.1f} s after the kill ({boost.reason})")
+    check(bool(triggered), f"no grid-reconcile run created by an Automation within {timeout:.0f} s of the kill")
+    first = min(triggered, key=lambda r: r.created)
+    print(f"  grid-reconcile run {first.name} created by {first.created_by.display_value or 'an Automation'} "
+          f"{(first.created.timestamp() - since):.1f} s after the kill, "
+          f"{(first.created.timestamp() - boost.ended_at.timestamp()):.1f} s after the boost was lost")
+    async with get_client() as client:  # and the worker ran it
+        run_deadline = time.monotonic() + 90
+        while True:
+            run = await client.read_flow_run(first.id)
+            if (run.state and run.state.is_final()) or time.monotonic() > run_deadline:
+                break
+            await asyncio.sleep(1)
+    check(run.state is not None and run.state.is_completed(),
+          f"the triggered grid-reconcile run ended {run.state.type.value if run.state else 'without a state'}")
+    print(f"  it completed {(run.end_time.timestamp() - since):.1f} s after the kill" if run.end_time
+          else "  it completed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -184,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("released"); p.add_argument("--example", required=True); p.add_argument("--status", required=True)
     p = sub.add_parser("expire-ran"); p.add_argument("--timeout", type=float, default=120)
     p = sub.add_parser("rebalance-sampled"); p.add_argument("nodes", nargs="+"); p.add_argument("--timeout", type=float, default=180)
+    p = sub.add_parser("automation-fired"); p.add_argument("--boost", required=True)
+    p.add_argument("--since", type=float, required=True); p.add_argument("--timeout", type=float, default=45)
+    p = sub.add_parser("lender-busy"); p.add_argument("busy"); p.add_argument("calm"); p.add_argument("--boost", required=True)
+    p.add_argument("--timeout", type=float, default=180)
     for name in ("active", "released-id"):
         p = sub.add_parser(name); p.add_argument("boost_id"); p.add_argument("--status", required=True)
     args = parser.parse_args(argv)
@@ -198,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_expire_ran(args.timeout))
         elif args.cmd == "rebalance-sampled":
             asyncio.run(_rebalance_sampled(args.nodes, args.timeout))
+        elif args.cmd == "automation-fired":
+            asyncio.run(_automation_fired(args.boost, args.since, args.timeout))
+        elif args.cmd == "lender-busy":
+            asyncio.run(_lender_busy(args.busy, args.calm, args.boost, args.timeout))
         elif args.cmd == "active":
             active(args.boost_id, args.status)
         elif args.cmd == "released-id":

@@ -132,6 +132,11 @@ def _clean_ledger() -> None:
 
 def server_events(boost_id: str) -> list[str]:
     """The names of the events the server has for boost ``boost_id``, sorted."""
+    return sorted(e["event"] for e in boost_events(boost_id))
+
+
+def boost_events(boost_id: str) -> list[dict]:
+    """The events the server has for boost ``boost_id``, as the API returns them."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventResourceFilter
 
@@ -146,7 +151,24 @@ def server_events(boost_id: str) -> list[str]:
                 "limit": 50,
             },
         )
-    return sorted(e["event"] for e in response.json()["events"])
+    return response.json()["events"]
+
+
+def placements_artifact(flow_run_id: str):
+    """The newest ``grid-placements`` table artifact of one flow run (the key is shared by every
+    flow run; each run's versions are attached to it), or None."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from grid_flows.adapters.prefect.store import PLACEMENTS_ARTIFACT_KEY
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PLACEMENTS_ARTIFACT_KEY]),
+                                           flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
+            sort=ArtifactSort.CREATED_DESC, limit=1)
+    return found[0] if found else None
 
 
 def wait_for(read, done, timeout: float = 15.0):

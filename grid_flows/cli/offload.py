@@ -24,7 +24,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from grid_flows.adapters.ray.cluster import NODE_LABEL
 from grid_flows.errors import InvalidRequest
 
 offload_app = typer.Typer(no_args_is_help=True, help="Run commands where capacity is; find candidates to move.")
@@ -155,7 +154,7 @@ def scan(node: Optional[str], **limits: Any) -> tuple[list[dict], list[dict]]:
     if name not in nodes or not nodes[name].alive:
         raise InvalidRequest(f"node '{name}' is not up in the Ray cluster")
     task = ray.remote(num_cpus=0, max_retries=0)(processes.scan_processes)
-    candidates, skipped = ray.get(task.options(label_selector={NODE_LABEL: name}).remote(**limits), timeout=120)
+    candidates, skipped = ray.get(task.options(label_selector={rc.NODE_LABEL: name}).remote(**limits), timeout=120)
     view = offload_rules.cluster_view(spec, nodes, name, exclude_target=True)
     rows = []
     for c in candidates:
@@ -194,7 +193,7 @@ def node_limits(
     if name not in nodes or not nodes[name].alive:
         raise InvalidRequest(f"node '{name}' is not up in the Ray cluster")
     probe = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(_probe_limits)
-    live = ray.get(probe.options(label_selector={NODE_LABEL: name}).remote(limits), timeout=120)
+    live = ray.get(probe.options(label_selector={rc.NODE_LABEL: name}).remote(limits), timeout=120)
     info = nodes[name]
     data = {
         "node": name, "mode": limits.mode.value, "limits": limits.describe(),

@@ -7,7 +7,9 @@ two differences that make it fast and punctual:
 * it keeps the live records in memory (``Memory``) and writes each change to Prefect
   before it answers, so a grant costs one durable write and no reads;
 * a timer ends each boost at its deadline (``ledger.due_to_end``), whether or not any
-  process or maintenance flow touches the ledger.
+  process or maintenance flow touches the ledger, and runs reconcile as soon as Ray marks
+  the lender of a live boost dead (so ``grid.boost.lost`` follows a lender's death within
+  seconds, not at the next scheduled reconcile).
 
 The ``grid-boosts`` artifact and the ``grid.boost.*`` events leave the hot path: a publisher
 thread sends them in the background, the events in order and the table coalesced (the last
@@ -47,6 +49,7 @@ CONTROLLER_PREFIX = "grid-controller-"
 SPEC_TTL_SECONDS = 2.0  # an edit of the cluster block in the UI reaches the controller within this
 RESYNC_SECONDS = 15.0  # re-read the live records: a process with the controller off may have written
 MAX_SLEEP_SECONDS = 1.0  # the timer wakes at least this often (a new spec may change the grace)
+LENDER_CHECK_SECONDS = 2.0  # how often the timer asks Ray whether the lenders of live boosts are up
 LOG_SIZE = 4096  # changes kept for watch(); a watcher further behind gets the whole live set
 OPERATIONS = frozenset({
     "request", "release", "extend", "end_boost", "expire_due", "reconcile", "hold", "unhold",
@@ -418,7 +421,7 @@ class BoostController:
     def _timer(self) -> None:
         """End each boost at its deadline; wake early on any change (a grant may be due sooner)."""
         with self._context():
-            last_resync = time.monotonic()
+            last_resync = last_lender_check = time.monotonic()
             while True:
                 try:
                     grace = self.grace_seconds()
@@ -437,9 +440,27 @@ class BoostController:
                     if time.monotonic() - last_resync > RESYNC_SECONDS:
                         last_resync = time.monotonic()
                         self.resync(self.store())
+                    if time.monotonic() - last_lender_check > LENDER_CHECK_SECONDS:
+                        last_lender_check = time.monotonic()
+                        self._check_lenders()
                 except Exception as exc:  # the timer must outlive any one failure
                     logger.warning("boost controller timer: %s: %s", type(exc).__name__, exc)
                     time.sleep(MAX_SLEEP_SECONDS)
+
+    def _check_lenders(self) -> None:
+        """Reconcile (the one judge of lost boosts) when Ray marks a live boost's lender dead."""
+        from grid_flows.adapters.ray import cluster as rc
+        from grid_flows.control import boosts
+        from grid_flows.core.models import BoostState
+
+        sources = {b.source for b in self.memory.snapshot() if b.state is BoostState.active}
+        if not sources:
+            return
+        alive = {name: info.alive for name, info in rc.grid_nodes().items()}
+        down = sorted(s for s in sources if not alive.get(s, False))
+        if down:
+            logger.info("lender(s) %s down: reconciling now", ", ".join(down))
+            boosts.reconcile()  # one pass at a time: it takes self.reconciling
 
     def grace_seconds(self) -> float:
         try:

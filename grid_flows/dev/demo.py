@@ -152,7 +152,7 @@ def run_boost_demo(spec) -> None:
     grid("boost", "status", "--all")
     live = list_boosts()
     console.print("No live boost is left." if not live else f"[red]Still live: {[b.id for b in live]}[/]")
-    console.print("The Prefect UI shows the 'grid-boosts' and 'grid-placements-<flow run id>' artifacts.")
+    console.print("The Prefect UI shows the 'grid-boosts' artifact, and the flow run's 'grid-placements' (a row per task run).")
 
 
 if __name__ == "__main__":

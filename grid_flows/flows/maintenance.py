@@ -2,8 +2,9 @@
 
 Each deployment runs at most one at a time; a run that comes due while the previous
 one still runs is cancelled (``CANCEL_NEW``). ``deployments/prefect.yaml`` declares the
-same flows and schedules for a work pool; ``SCHEDULES`` is the source, and a test holds
-the file (and the rebalance interval of ``blocks/cluster.yaml``) equal to it.
+same flows, schedules and triggers (Automations) for a work pool; ``SCHEDULES`` and
+``TRIGGERS`` are the source, and a test holds the file (and the rebalance interval of
+``blocks/cluster.yaml``) equal to them.
 
 Example:
     ```python
@@ -30,6 +31,16 @@ SCHEDULES = {
     "grid-cluster-status": (cluster_status_snapshot, 60),
 }
 
+# name -> the Automations that also run it (deployment triggers). A lost boost's lender died:
+# the boost controller ends it within seconds, and a reconcile pass runs at once.
+TRIGGERS = {
+    "grid-reconcile": [{
+        "type": "event", "enabled": True, "name": "grid-reconcile on grid.boost.lost",
+        "description": "A boost was lost with its lender; make Ray and the records agree now.",
+        "match": {"prefect.resource.id": "grid.boost.*"}, "expect": ["grid.boost.lost"],
+    }],
+}
+
 
 def maintenance_deployments(interval_scale: float = 1.0, spec: ClusterSpec | None = None) -> list:
     """RunnerDeployments of the maintenance flows; ``interval_scale`` shortens intervals for tests.
@@ -42,6 +53,8 @@ def maintenance_deployments(interval_scale: float = 1.0, spec: ClusterSpec | Non
     spec = spec if spec is not None else _saved_cluster()
     if spec is not None:
         intervals["grid-rebalance"] = spec.resource_sharing.rebalance_interval_seconds
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
     return [
         flow.to_deployment(
             name=name,
@@ -49,6 +62,7 @@ def maintenance_deployments(interval_scale: float = 1.0, spec: ClusterSpec | Non
             concurrency_limit=one_at_a_time,
             tags=["grid-flows", "maintenance"],
             description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
+            triggers=[DeploymentEventTrigger.model_validate(t) for t in TRIGGERS.get(name, [])],
         )
         for name, (flow, _) in SCHEDULES.items()
     ]

@@ -17,10 +17,11 @@ Lent capacity is used when the target is saturated, as the cluster's sharing mod
 - ``offload_only``: no boosts; tasks go to lenders within their share, the head's own
   capacity is never extended.
 
-Why one module of ~960 lines: it is the one TaskRunner class and the threads that serve it
-(dispatch, the controller watch), which share its lock and state. The decisions are in
-``core.dispatch`` and ``core.placement``; futures and the worker side are in ``runner.future``
-and ``runner.worker``.
+Why one module of ~970 lines: it is the one TaskRunner class and the threads that serve it
+(dispatch, completions, the controller watch), which share its lock and state. The decisions
+are in ``core.dispatch`` and ``core.placement``, the placements report in
+``core.placement_report``; futures and the worker side are in ``runner.future`` and
+``runner.worker``.
 
 Example:
     ```python
@@ -44,10 +45,10 @@ import contextlib
 import contextvars
 import itertools
 import logging
+import queue
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 from uuid import UUID, uuid4
 
@@ -69,6 +70,7 @@ from grid_flows.core.dispatch import (
 )
 from grid_flows.core.models import Boost, BoostState, Priority, Resources, SharingMode, utcnow
 from grid_flows.core.placement import PlacementKind, Requirement, Strategy
+from grid_flows.core.placement_report import Placed, PlacementReport
 from grid_flows.runner.future import GridFuture, _futures_in, is_cancelled, is_lost_with_node
 from grid_flows.runner.requirements import Need, current_need
 from grid_flows.runner.worker import _run_guarded_task
@@ -76,7 +78,6 @@ from grid_flows.runner.worker import _run_guarded_task
 logger = logging.getLogger("grid_flows.runner.task_runner")
 _REFRESH_SECONDS = 1.0
 WATCH_SECONDS = 1.0  # one long poll of the controller waits at most this long for a change
-_EXAMPLE_REASONS = 5
 _PUBLISH_EVERY_SECONDS = 5.0  # the dispatcher republishes placements at most this often (each is a new version)
 _REMOTE_ONLY_OPTIONS = frozenset({"max_calls"})  # ray.remote() takes them; .options() raises
 _PREEMPTION_NOTICE = "it is being preempted by boost"  # why_unusable while a preemption is under way
@@ -103,6 +104,7 @@ class _Queued:
     context: dict
     name: str
     ref: Any = None
+    submitted_at: float = field(default_factory=time.monotonic)  # for the queue wait the report shows
 
 
 class BoostRayTaskRunner(RayTaskRunner):
@@ -155,12 +157,13 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._seq = itertools.count()
         self._state: Optional[Dispatcher] = None  # the dispatch decisions (core.dispatch); set on __enter__
         self._items: dict[int, _Queued] = {}  # task key -> what submitting it takes
-        self._keys: dict[Any, int] = {}  # Ray object ref -> task key, while in flight
+        # (task key, Ray object ref, result) of each finished task, for the completions thread.
+        self._completed: queue.SimpleQueue = queue.SimpleQueue()
+        self._completions: Optional[threading.Thread] = None
         self._bindings: dict[str, _Binding] = {}
-        self._counts: Counter = Counter()
-        self._published: Counter = Counter()  # the counts the placements artifact last showed
+        self._report = PlacementReport()  # one row per task run handed to Ray
+        self._published_total = 0  # the task runs the placements artifact last showed
         self._published_at = 0.0  # monotonic time of that publication
-        self._reasons: list[str] = []
         self._flow_run_id: Optional[UUID] = None
         self._dispatcher: Optional[threading.Thread] = None
         self._watcher: Optional[threading.Thread] = None
@@ -257,6 +260,9 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._dispatcher = threading.Thread(target=contextvars.copy_context().run, args=(self._dispatch_loop,),
                                             name="grid-dispatcher", daemon=True)
         self._dispatcher.start()
+        self._completions = threading.Thread(target=contextvars.copy_context().run, args=(self._completion_loop,),
+                                             name="grid-completions", daemon=True)
+        self._completions.start()
 
     def _undo_enter(self) -> None:
         """An ``__enter__`` that failed half way leaves nothing behind: the controller watch, the
@@ -269,6 +275,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                 self._stopping = True
                 self._cond.notify_all()
             self._stop_watching()
+        self._stop_completions()
         for binding in list(self._bindings.values()):
             if not binding.shared:
                 self._hold(binding.boost.id, False)
@@ -287,6 +294,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                 self._stopping = True
                 self._cond.notify_all()
             self._dispatcher.join(timeout=5)
+            self._stop_completions()
             self._stop_watching()
             self.publish_placements()
         super().__exit__(*exc_info)
@@ -626,15 +634,18 @@ class BoostRayTaskRunner(RayTaskRunner):
             self._carry_out(self._state.dispatch_failed(instruction.key, exc))
             return
         item.ref = ref
-        self._keys[ref] = instruction.key
-        name = item.name
-        self._counts[f"{placement.kind.value}:{node}"] += 1
-        if len(self._reasons) < _EXAMPLE_REASONS or placement.kind.value not in " ".join(self._reasons):
-            self._reasons.append(f"{name}: {placement.kind.value} -> {placement.reason}")
-        logger.debug("%s -> %s on %s (%.2f): %s", name, placement.kind.value, node, placement.confidence,
+        pressure = self._state.pressure.get(node)  # what this decision saw (None: no fresh sample)
+        self._report.add(Placed(
+            task=item.name, task_run=str(item.future.task_run_id)[:8], decision=placement.kind.value, node=node,
+            boost=self._bindings[placement.boost_id].boost.short_id if group is not None else "",
+            reason=placement.reason, queue_wait_seconds=time.monotonic() - item.submitted_at,
+            pressure=pressure.score if pressure else None))
+        logger.debug("%s -> %s on %s (%.2f): %s", item.name, placement.kind.value, node, placement.confidence,
                      placement.reason)
         item.future._set_ref(ref, placement)
-        ref._on_completed(lambda result, ref=ref: self._task_done(ref, result))
+        # Ray calls this on its own thread; over a ray:// connection that thread also delivers
+        # object ids, which waiting for this runner's lock would stall: so it only hands over.
+        ref._on_completed(lambda result, key=instruction.key, ref=ref: self._completed.put((key, ref, result)))
 
     def _fail_undispatched(self, key: int, exc: BaseException, what: str) -> None:
         """End a task that never reached Ray: its future resolves to a Failed state naming
@@ -649,10 +660,22 @@ class BoostRayTaskRunner(RayTaskRunner):
         self._say(logging.ERROR, message)
         self._cond.notify_all()
 
-    def _task_done(self, ref: Any, result: Any = None) -> None:
+    def _completion_loop(self) -> None:
+        while (done := self._completed.get()) is not None:
+            try:
+                self._task_done(*done)
+            except Exception:  # one bad completion must not stop the others being seen
+                logger.exception("grid-flows could not record a finished task")
+
+    def _stop_completions(self) -> None:
+        if self._completions is not None:
+            self._completed.put(None)
+            self._completions.join(timeout=5)
+
+    def _task_done(self, key: int, ref: Any, result: Any = None) -> None:
         with self._cond:
-            key = self._keys.pop(ref, None)
-            if key is None:
+            item = self._items.get(key)
+            if item is None or item.ref is not ref:  # an earlier run of a task placed again since
                 return
             self._carry_out(self._state.task_done(key, lost_with_node=is_lost_with_node(result),
                                                   cancelled=is_cancelled(result), error=type(result).__name__))
@@ -896,28 +919,15 @@ class BoostRayTaskRunner(RayTaskRunner):
         run's final state (``boost()`` when its block ends; the dispatcher when the runner goes
         idle), so whatever reacts to Completed finds it; ``__exit__`` publishes the rest."""
         with self._cond:
-            if self._flow_run_id is None or not self._counts or self._counts == self._published:
+            if self._flow_run_id is None or self._report.total in (0, self._published_total):
                 return
-            self._published = counts = Counter(self._counts)  # never changed in place: one copy serves both
+            self._published_total = self._report.total
             self._published_at = time.monotonic()
-        self._publish_placements(counts)
-
-    def _publish_placements(self, counts: Counter) -> None:
-        rows = []
-        for key, count in sorted(counts.items()):
-            kind, node = key.split(":", 1)
-            pressure = self._state.pressure.get(node)  # what the last placements saw ("-": no fresh sample)
-            rows.append({"Placement": kind, "Node": node, "Tasks": count, "Strategy": self.strategy.value,
-                         "Pressure": f"{pressure.score:.2f}" if pressure else "-"})
-        description = (
-            f"Where the tasks of flow run {self._flow_run_id} ran (strategy {self.strategy.value}). "
-            "'boost' tasks ran inside a boost's placement group on the lender.\n\nExample reasons:\n"
-            + "\n".join(f"- {r}" for r in self._reasons)
-        )
+            rows, summary = self._report.rows(), self._report.summary(self.strategy.value)
         try:
-            from grid_flows.adapters.prefect.store import publish_run_table
+            from grid_flows.adapters.prefect.store import PLACEMENTS_ARTIFACT_KEY, publish_run_table
 
-            publish_run_table(f"grid-placements-{self._flow_run_id}", rows, description, self._flow_run_id)
+            publish_run_table(PLACEMENTS_ARTIFACT_KEY, rows, summary, self._flow_run_id)
         except Exception as exc:
             logger.warning("could not publish the placements artifact: %s", exc)
 

@@ -5,8 +5,9 @@ Loaded with ``-p grid_peer`` from prefect-ray's unmodified ``tests/`` folder. Wi
 :class:`grid_flows.BoostRayTaskRunner` before the test modules import it, so every test and
 fixture builds grid-flows' runner with the same arguments; ``--grid-runner=ray`` changes
 nothing (the baseline). ``--grid-cluster=labelled`` also names every Ray node the tests
-start with a ``grid.node`` label and applies a matching GridCluster block to the tests'
-Prefect server, so the runner places tasks as it does on the project's cluster.
+start with a ``grid.node`` label (and a lender its lend tokens, as ``grid node ray-args``
+gives them) and applies a matching GridCluster block to the tests' Prefect server, so the
+runner places tasks as it does on the project's cluster.
 
 Example:
     ```bash
@@ -42,15 +43,36 @@ def pytest_configure(config):
         _label_every_node()
 
 
+def _peer_spec():
+    """The GridCluster of the labelled run: ``peer-head``, and ``peer-worker`` lending its one CPU
+    (``ray.cluster_utils.Cluster`` gives each node one CPU unless told otherwise)."""
+    import psutil
+
+    from grid_flows.core.cluster_file import parse_cluster
+
+    memory_gb = max(1, int(psutil.virtual_memory().total / 1024**3 / 4))
+    return parse_cluster({
+        "nodes": [
+            {"name": HEAD, "role": "head", "cpu_count": psutil.cpu_count() or 2, "memory_gb": memory_gb},
+            {"name": WORKER, "role": "worker", "cpu_count": 1, "memory_gb": memory_gb,
+             "resource_sharing": {"can_share": True, "max_share_cpu": 1}},
+        ],
+    })
+
+
 def _label_every_node() -> None:
     """Every Ray node started in this process carries ``grid.node``: the first one (the head)
-    ``peer-head``, later ones ``peer-worker`` (the in-process cluster's second node). The
-    existing-cluster fixture's ``ray start --head`` runs in a subprocess this cannot reach: its
-    node stays unlabelled, and the runner treats it as a plain Ray cluster's node."""
+    ``peer-head``, later ones ``peer-worker`` (the in-process cluster's second node), which also
+    declares its lend tokens. The existing-cluster fixture's ``ray start --head`` runs in a
+    subprocess this cannot reach: its node stays unlabelled, and the runner treats it as a
+    plain Ray cluster's node."""
     import ray
     import ray.cluster_utils
 
     from grid_flows.adapters.ray.cluster import NODE_LABEL
+    from grid_flows.adapters.ray.tokens import node_tokens
+
+    worker_tokens = node_tokens(_peer_spec().node(WORKER))
 
     original_init = ray.init
     original_add_node = ray.cluster_utils.Cluster.add_node
@@ -61,7 +83,10 @@ def _label_every_node() -> None:
         return original_init(*args, **kwargs)
 
     def add_node(self, *args, **kwargs):
-        kwargs.setdefault("labels", {NODE_LABEL: HEAD if self.head_node is None else WORKER})
+        head = self.head_node is None
+        kwargs.setdefault("labels", {NODE_LABEL: HEAD if head else WORKER})
+        if not head:
+            kwargs["resources"] = {**worker_tokens, **(kwargs.get("resources") or {})}
         return original_add_node(self, *args, **kwargs)
 
     ray.init = init
@@ -75,20 +100,8 @@ def _grid_cluster_block(request, prefect_db):
     if request.config.getoption("--grid-cluster") != "labelled":
         yield
         return
-    import psutil
-
     from grid_flows.adapters.prefect.store import BoostStore
-    from grid_flows.core.cluster_file import parse_cluster
 
-    cpus = psutil.cpu_count() or 2
-    memory_gb = max(1, int(psutil.virtual_memory().total / 1024**3 / 4))
-    spec = parse_cluster({
-        "nodes": [
-            {"name": HEAD, "role": "head", "cpu_count": cpus, "memory_gb": memory_gb},
-            {"name": WORKER, "role": "worker", "cpu_count": cpus, "memory_gb": memory_gb,
-             "resource_sharing": {"can_share": True, "max_share_cpu": max(1, cpus // 2)}},
-        ],
-    })
     with BoostStore() as store:
-        store.save_cluster(spec)
+        store.save_cluster(_peer_spec())
     yield

@@ -15,7 +15,7 @@ from grid_flows.adapters.ray import cluster as rc
 from grid_flows.core.models import BoostState
 from grid_flows.adapters.ray.cluster import NODE_LABEL
 from grid_flows.adapters.prefect.store import BOOSTS_ARTIFACT_KEY, BoostStore
-from tests.conftest import server_events, wait_for
+from tests.conftest import boost_events, server_events, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -96,15 +96,20 @@ def test_release_frees_capacity_and_keeps_the_record(grid):
 def test_grid_boosts_artifact_and_events_follow_each_change(grid):
     from prefect.artifacts import Artifact
 
+    def table() -> list[dict]:
+        artifact = Artifact.get(BOOSTS_ARTIFACT_KEY)
+        return json.loads(artifact.data) if artifact else []
+
     boost = request_boost("gpu-master", cpu=1, source="gpu2", priority="high", duration="30m")
-    table = json.loads(Artifact.get(BOOSTS_ARTIFACT_KEY).data)
-    assert [row["Boost"] for row in table] == [boost.short_id]
-    assert list(table[0])[:3] == ["State", "Time left", "Boost"]  # readable at 1280 px
-    assert table[0]["Source → Target"] == "gpu2 → gpu-master"
-    assert table[0]["Time left"].endswith("min left")
+    # The controller publishes the table just after it answers: poll, with a bound.
+    table_now = wait_for(table, lambda rows: [row["Boost"] for row in rows] == [boost.short_id])
+    assert [row["Boost"] for row in table_now] == [boost.short_id]
+    assert list(table_now[0])[:3] == ["State", "Time left", "Boost"]  # readable at 1280 px
+    assert table_now[0]["Source → Target"] == "gpu2 → gpu-master"
+    assert table_now[0]["Time left"].endswith("min left")
     release_boost(boost.id)
-    table = json.loads(Artifact.get(BOOSTS_ARTIFACT_KEY).data)
-    assert boost.short_id not in [row["Boost"] for row in table]
+    after = wait_for(table, lambda rows: boost.short_id not in [row["Boost"] for row in rows])
+    assert boost.short_id not in [row["Boost"] for row in after]
 
 
 def test_granted_and_released_events_are_emitted(grid):
@@ -115,6 +120,29 @@ def test_granted_and_released_events_are_emitted(grid):
     EventsWorker.drain_all(timeout=10)
     deadline_events = wait_for(lambda: server_events(boost.id), lambda ev: len(ev) >= 2)
     assert deadline_events == ["grid.boost.granted", "grid.boost.released"]
+    granted = next(e for e in boost_events(boost.id) if e["event"] == "grid.boost.granted")
+    roles = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in granted["related"]}
+    assert roles == {"lender": "grid.node.gpu2", "borrower": "grid.node.gpu-master"}  # the feed can filter by node
+    assert granted["payload"]["resources"] == "1 CPU"
+
+
+def test_a_flow_runs_boost_events_name_the_flow_run(grid):
+    from prefect import flow
+    from prefect.context import get_run_context
+    from prefect.events.worker import EventsWorker
+
+    from grid_flows import boost
+
+    @flow
+    def asks() -> tuple[str, str]:
+        with boost("gpu-master", cpu=1, source="gpu2", duration="1m") as granted:
+            return granted.id, str(get_run_context().flow_run.id)
+
+    boost_id, run_id = asks()
+    EventsWorker.drain_all(timeout=10)
+    events = wait_for(lambda: boost_events(boost_id), lambda ev: len(ev) >= 2)
+    related = {r["prefect.resource.id"]: r["prefect.resource.role"] for r in events[0]["related"]}
+    assert related[f"prefect.flow-run.{run_id}"] == "flow-run"
 
 
 def test_a_boost_is_visible_and_releasable_from_another_process(grid):

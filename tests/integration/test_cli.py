@@ -83,6 +83,52 @@ def test_seed_form_and_multi_resource_form_then_status_and_release_by_prefix(gri
     assert [b.id for b in list_boosts()] == [second.id]
 
 
+_STATUS_IN_A_FRESH_PROCESS = """
+import json, sys
+from grid_flows.cli.app import main
+sys.argv = ["grid", "boost", "status", "--json", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+print("PREFECT_IMPORTED", "prefect" in sys.modules)
+"""
+
+
+def _status_in_a_fresh_process(grid, *args: str, **env: str) -> tuple[list[dict], bool]:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _STATUS_IN_A_FRESH_PROCESS, *args], env={**grid.env(), **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    body, _, last = done.stdout.rstrip().rpartition("\n")
+    return json.loads(body), last == "PREFECT_IMPORTED True"
+
+
+def test_status_in_a_fresh_process_reads_over_plain_http_and_shows_what_prefects_client_shows(grid):
+    from grid_flows import release_boost, request_boost
+
+    kept = request_boost("gpu-master", cpu=1, source="gpu1", duration="10m")
+    ended = request_boost("gpu-master", cpu=1, source="gpu2", duration="10m")
+    release_boost(ended.id)
+
+    def shown(rows):
+        return [(r["id"], r["state"], r["source"], r["resources"]["cpu"]) for r in rows]
+
+    for args, expected in (([], [kept.id]), (["--all"], None)):
+        quick, quick_imported = _status_in_a_fresh_process(grid, *args)
+        # A TLS setting is one the plain read leaves to Prefect's client, which then reads instead.
+        full, full_imported = _status_in_a_fresh_process(grid, *args, PREFECT_API_TLS_INSECURE_SKIP_VERIFY="true")
+        assert (quick_imported, full_imported) == (False, True)
+        assert shown(quick) == shown(full)
+        if expected is not None:
+            assert [r["id"] for r in quick] == expected
+        else:
+            assert {kept.id: "active", ended.id: "released"}.items() <= {r["id"]: r["state"] for r in quick}.items()
+
+
 def test_status_prefixes_are_unique_and_an_ambiguous_prefix_is_refused():
     from grid_flows.cli.app import unique_prefixes
 

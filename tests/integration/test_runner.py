@@ -19,6 +19,7 @@ from grid_flows.adapters.ray import cluster as rc
 from grid_flows.adapters.ray.tokens import LEND_CPU
 from grid_flows.core.models import BoostState
 from grid_flows.adapters.ray.cluster import NODE_LABEL
+from tests.conftest import placements_artifact
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -212,7 +213,6 @@ def test_a_boost_outlives_a_killed_flow_only_until_it_expires(grid):
 
 
 def test_placements_artifact_counts_every_task(grid):
-    from prefect.artifacts import Artifact
     from prefect.context import get_run_context
 
     @flow(task_runner=BoostRayTaskRunner(allow_offload=False))
@@ -221,12 +221,14 @@ def test_placements_artifact_counts_every_task(grid):
         return str(get_run_context().flow_run.id)
 
     run_id = counted()
-    artifact = Artifact.get(f"grid-placements-{run_id}")
+    artifact = placements_artifact(run_id)
     rows = json.loads(artifact.data)
     assert str(artifact.flow_run_id) == run_id  # shown on the flow run's page in the UI
-    assert sum(r["Tasks"] for r in rows) == 5
-    assert {r["Placement"] for r in rows} == {"target"}
-    assert "local_first" in artifact.description
+    assert artifact.key == "grid-placements"  # one key for every flow run, not one per run
+    assert len(rows) == 5 and {r["Decision"] for r in rows} == {"target"}  # a row per task run
+    assert {r["Task"] for r in rows} == {"where"} and len({r["Task run"] for r in rows}) == 5
+    assert all(r["Node"] == "gpu-master" and r["Queue wait"].endswith(" s") and r["Reason"] for r in rows)
+    assert artifact.description.startswith("5 task runs (strategy local_first). By node: gpu-master 5 (target 5).")
 
 
 @task
@@ -431,7 +433,6 @@ def test_the_flow_ends_within_the_exit_bound_and_names_what_was_left(grid, monke
 
 def test_placements_are_published_before_the_flow_run_ends(grid):
     """Whatever reacts to Completed (an Automation, run_deployment) finds the artifact."""
-    from prefect.artifacts import Artifact
     from prefect.context import get_run_context
 
     from grid_flows import boost
@@ -442,13 +443,13 @@ def test_placements_are_published_before_the_flow_run_ends(grid):
         with boost(cpu=1, source="gpu1", duration="5m"):
             [f.result(timeout=60) for f in where.map(range(3))]
         # Still inside the flow run: the block's end published what was placed.
-        artifact = Artifact.get(f"grid-placements-{run_id}")
+        artifact = placements_artifact(run_id)
         return run_id, json.loads(artifact.data) if artifact else None
 
     run_id, rows = boosted_block()
     assert rows is not None, "no placements artifact before the flow run ended"
-    assert sum(r["Tasks"] for r in rows) == 3
-    latest = json.loads(Artifact.get(f"grid-placements-{run_id}").data)
+    assert len(rows) == 3
+    latest = json.loads(placements_artifact(run_id).data)
     assert latest == rows  # nothing changed after: no second version was needed
 
 

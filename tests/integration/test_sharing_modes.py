@@ -27,7 +27,7 @@ from grid_flows.core.models import BoostState, utcnow
 from grid_flows.errors import InvalidRequest
 from grid_flows.core.pressure import MetricsHistory, NodeSample
 from grid_flows.adapters.prefect.store import BoostStore
-from tests.conftest import sharing_settings
+from tests.conftest import placements_artifact, sharing_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -245,7 +245,6 @@ def test_a_gpu_task_the_head_cannot_run_is_offloaded_to_the_gpu_lender_under_its
 
 
 def test_load_balanced_offloads_to_the_calm_lender_and_the_placements_show_the_pressure(grid, tmp_path):
-    from prefect.artifacts import Artifact
     from prefect.context import get_run_context
 
     meet = tmp_path / "meet"
@@ -262,6 +261,6 @@ def test_load_balanced_offloads_to_the_calm_lender_and_the_placements_show_the_p
     names = _names()
     assert all(r["met"] for r in rows), rows  # both ran at the same time
     assert sorted(names[r["node_id"]] for r in rows) == ["gpu-master", "gpu2"]
-    table = {r["Node"]: r for r in json.loads(Artifact.get(f"grid-placements-{run_id}").data)}
-    assert table["gpu2"]["Placement"] == "offload" and table["gpu2"]["Pressure"] == "0.15"
+    table = {r["Node"]: r for r in json.loads(placements_artifact(run_id).data)}
+    assert table["gpu2"]["Decision"] == "offload" and table["gpu2"]["Pressure"] == "0.15"
     assert table["gpu-master"]["Pressure"] == "0.15"

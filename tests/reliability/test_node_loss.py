@@ -132,3 +132,21 @@ def test_restarting_the_prefect_server_loses_no_boost(tmp_path, grid, monkeypatc
 
         assert release_boost(boost.id).state is BoostState.released
     assert rc.grid_groups() == {}
+
+
+def test_a_dead_lender_ends_its_boost_lost_at_once_with_no_flow_and_no_reconcile(lossy_cluster):
+    """The controller sees the lender die: ``grid.boost.lost`` follows within seconds, which an
+    Automation can react to, not at the next scheduled reconcile (every 5 minutes)."""
+    from tests.conftest import server_events, wait_for
+
+    boost = request_boost("gpu-master", cpu=1, source="gpu1", duration="10m")
+    killed_at = time.time()
+    lossy_cluster.stop_node("gpu1")
+
+    def record():
+        return next(b for b in list_boosts(include_ended=True) if b.id == boost.id)
+
+    ended = wait_for(record, lambda b: b.state.ended, timeout=30)
+    assert ended.state is BoostState.lost and "gpu1" in ended.reason
+    assert ended.ended_at.timestamp() - killed_at < 6  # health check ~0.6 s, the controller looks every 2 s
+    assert "grid.boost.lost" in wait_for(lambda: server_events(boost.id), lambda names: "grid.boost.lost" in names)

@@ -31,7 +31,7 @@ def test_the_work_pool_file_declares_exactly_the_maintenance_schedules():
     import yaml
 
     from grid_flows.core.cluster_file import load_cluster_file
-    from grid_flows.flows.maintenance import SCHEDULES
+    from grid_flows.flows.maintenance import SCHEDULES, TRIGGERS
 
     root = Path(__file__).resolve().parents[2]
     declared = yaml.safe_load((root / "deployments" / "prefect.yaml").read_text())["deployments"]
@@ -42,5 +42,19 @@ def test_the_work_pool_file_declares_exactly_the_maintenance_schedules():
         assert entry["schedules"] == [{"interval": seconds}], name
         path, func = entry["entrypoint"].split(":")
         assert func == flow_fn.fn.__name__ and (root / path).resolve() == Path(flow_fn.fn.__code__.co_filename).resolve()
+        assert entry.get("triggers", []) == TRIGGERS.get(name, []), name
     spec = load_cluster_file(root / "blocks" / "cluster.yaml")
     assert spec.resource_sharing.rebalance_interval_seconds == SCHEDULES["grid-rebalance"][1]
+
+
+def test_a_lost_boost_runs_reconcile_through_an_automation():
+    from grid_flows.flows.maintenance import maintenance_deployments
+
+    from grid_flows.core.models import ClusterSpec
+
+    spec = ClusterSpec.model_validate({"nodes": [{"name": "head", "role": "head", "cpu_count": 1, "memory_gb": 1}]})
+    reconcile = next(d for d in maintenance_deployments(spec=spec) if d.name == "grid-reconcile")
+    (trigger,) = reconcile.triggers
+    assert trigger.expect == {"grid.boost.lost"} and trigger.match.root == {"prefect.resource.id": "grid.boost.*"}
+    assert trigger.enabled and trigger.posture.value == "Reactive" and trigger.threshold == 1
+    assert all(not d.triggers for d in maintenance_deployments(spec=spec) if d.name != "grid-reconcile")

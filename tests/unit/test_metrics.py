@@ -127,3 +127,13 @@ def test_probe_host_reads_this_machine_without_a_gpu():
     reading = sample_from_probe("here", T0, data)
     assert reading.reachable
     assert data["gpu"].startswith(NO_GPU) or data["gpu_util_percent"] is not None
+
+
+def test_probe_host_reads_the_gpu_probe_the_guard_uses(monkeypatch):
+    """GRID_GPU_PROBE replaces NVML for the metrics probe as for the guard (one choice of probe)."""
+    monkeypatch.setenv("GRID_GPU_PROBE", "tests.unit.test_guard:ProbeForEnv")  # one 10 GiB GPU, 3 GiB used, 5% busy
+    data = probe_host(cpu_interval_seconds=0.01)
+    assert (data["gpu_util_percent"], data["gpu_memory_percent"], data["gpu"]) == (5.0, 30.0, "fake for GRID_GPU_PROBE")
+    monkeypatch.setenv("GRID_GPU_PROBE", "no_such_module:Probe")
+    data = probe_host(cpu_interval_seconds=0.01)
+    assert data["gpu_util_percent"] is None and "cannot be loaded" in data["gpu"]

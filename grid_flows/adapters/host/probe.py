@@ -21,7 +21,7 @@ def probe_host(cpu_interval_seconds: float = 0.2) -> dict[str, Any]:
 
     import psutil
 
-    from grid_flows.adapters.host.guard import NvmlProbe
+    from grid_flows.adapters.host.guard import GpuProbeError, default_probe
 
     data: dict[str, Any] = {
         "cpu_percent": float(psutil.cpu_percent(interval=cpu_interval_seconds)),
@@ -32,9 +32,13 @@ def probe_host(cpu_interval_seconds: float = 0.2) -> dict[str, Any]:
         "gpu_memory_percent": None,
         "gpu": NO_GPU,
     }
-    nvml = NvmlProbe()
     try:
-        devices = nvml.devices()
+        gpu = default_probe()  # NVML, or the probe GRID_GPU_PROBE names (as the guard uses)
+    except GpuProbeError as exc:
+        data["gpu"] = f"{NO_GPU} ({exc})"
+        return data
+    try:
+        devices = gpu.devices()
     except Exception as exc:  # a broken driver is a status, not a failed probe
         devices = []
         data["gpu"] = f"{NO_GPU} ({exc})"
@@ -43,7 +47,7 @@ def probe_host(cpu_interval_seconds: float = 0.2) -> dict[str, Any]:
         utils = [d.utilization_percent for d in devices if d.utilization_percent is not None]
         data["gpu_memory_percent"] = min(100.0, 100.0 * sum(d.used_bytes for d in devices) / total) if total else None
         data["gpu_util_percent"] = min(100.0, sum(utils) / len(utils)) if utils else None
-        data["gpu"] = nvml.status
-    elif data["gpu"] == NO_GPU and nvml.status and nvml.status != "not probed yet":
-        data["gpu"] = f"{NO_GPU} ({nvml.status})"
+        data["gpu"] = gpu.status
+    elif data["gpu"] == NO_GPU and gpu.status and gpu.status != "not probed yet":
+        data["gpu"] = f"{NO_GPU} ({gpu.status})"
     return data

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from prefect.blocks.core import Block
 from pydantic import Field
 
+from grid_flows.adapters.prefect.records import BOOST_HISTORY_SLUG, BOOST_SLUG
 from grid_flows.core.models import (
     Boost,
     BoostState,
@@ -26,7 +27,6 @@ from grid_flows.core.models import (
     ClusterSpec,
     NodeSpec,
     Priority,
-    Resources,
 )
 
 
@@ -68,29 +68,32 @@ class GridBoost(Block):
     """
 
     _block_type_name = "Grid Boost"
-    _block_type_slug = "grid-boost"
-    _description = "A grid-flows boost: capacity lent by a source node to a target (one record per boost)."
+    _block_type_slug = BOOST_SLUG
+    _description = ("A grid-flows boost: capacity lent by a source node to a target (one record per boost). "
+                    "Managed by grid-flows: read it with `grid boost status`; do not use or edit it in flows.")
     _logo_url = None
 
-    boost_id: str
-    source: str = Field(..., description="Node that lends; boosted tasks run here.")
-    target: str = Field(..., description="Node whose flows borrow the capacity.")
-    cpu: float = 0.0
-    gpu: float = 0.0
-    memory_bytes: int = 0
-    priority: Priority = Priority.normal
-    state: BoostState = BoostState.pending
-    created_at: datetime
-    expires_at: datetime
-    duration_seconds: float
-    placement_group: str
-    placement_group_id: Optional[str] = None
-    granted_at: Optional[datetime] = None
-    ended_at: Optional[datetime] = None
-    reason: str = ""
-    origin: str = "api"
-    requested_by: str = Field("", description="Who asked: the flow run, or user@host for the CLI and Python API.")
-    preempted_by: str = Field("", description="While active: the boost whose preemption of this one is under way.")
+    boost_id: str = Field(..., title="Boost id")
+    source: str = Field(..., title="Source (lender)", description="Node that lends; boosted tasks run here.")
+    target: str = Field(..., title="Target (borrower)", description="Node whose flows borrow the capacity.")
+    cpu: float = Field(0.0, title="CPU")
+    gpu: float = Field(0.0, title="GPU")
+    memory_bytes: int = Field(0, title="Memory (bytes)", description="`grid boost status` shows it with units.")
+    priority: Priority = Field(Priority.normal, title="Priority")
+    state: BoostState = Field(BoostState.pending, title="State")
+    created_at: datetime = Field(..., title="Requested at")
+    expires_at: datetime = Field(..., title="Expires at")
+    duration_seconds: float = Field(..., title="Duration (seconds)")
+    placement_group: str = Field(..., title="Ray placement group")
+    placement_group_id: Optional[str] = Field(None, title="Ray placement group id")
+    granted_at: Optional[datetime] = Field(None, title="Granted at")
+    ended_at: Optional[datetime] = Field(None, title="Ended at")
+    reason: str = Field("", title="Reason")
+    origin: str = Field("api", title="Origin", description="api, or rebalance for boosts the rebalance flow granted.")
+    requested_by: str = Field("", title="Requested by",
+                              description="Who asked: the flow run, or user@host for the CLI and Python API.")
+    preempted_by: str = Field("", title="Being preempted by",
+                              description="While active: the boost whose preemption of this one is under way.")
 
     @classmethod
     def from_boost(cls, boost: Boost) -> "GridBoost":
@@ -111,21 +114,9 @@ class GridBoostHistory(GridBoost):
     """
 
     _block_type_name = "Grid Boost History"
-    _block_type_slug = "grid-boost-history"
-    _description = "An ended grid-flows boost, kept for the record."
-
-
-def boost_from_data(data: dict) -> Boost:
-    """A Boost from a GridBoost document's data (as read from the API)."""
-    return Boost(
-        id=data["boost_id"],
-        resources=Resources(cpu=data.get("cpu", 0), gpu=data.get("gpu", 0), memory=data.get("memory_bytes", 0)),
-        **{k: v for k, v in data.items() if k not in {"boost_id", "cpu", "gpu", "memory_bytes"}},
-    )
-
-
-def boost_document_name(boost_id: str) -> str:
-    return f"boost-{boost_id}"
+    _block_type_slug = BOOST_HISTORY_SLUG
+    _description = ("An ended grid-flows boost, kept for the record (reconcile deletes the oldest past the "
+                    "cluster's history retention). Managed by grid-flows: `grid boost status --all` lists them.")
 
 
 class GridMetricsHistory(Block):

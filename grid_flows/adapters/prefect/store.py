@@ -31,7 +31,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import BlockDocumentCreate, BlockDocumentUpdate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from grid_flows.adapters.prefect.blocks import GridBoost, GridBoostHistory, GridCluster, boost_document_name, boost_from_data
+from grid_flows.adapters.prefect.blocks import GridBoost, GridBoostHistory, GridCluster
+from grid_flows.adapters.prefect.records import boost_document_name, boost_from_data
 from grid_flows.core.models import Boost, ClusterSpec, Resources, utcnow
 from grid_flows.errors import GridError, InvalidRequest, UnknownBoost
 from grid_flows.adapters.prefect.settings import GridSettings
@@ -40,10 +41,12 @@ from grid_flows.core.units import format_amount, format_bytes, format_duration
 from grid_flows.errors import ClusterNotConfigured
 
 BOOSTS_ARTIFACT_KEY = "grid-boosts"
+PLACEMENTS_ARTIFACT_KEY = "grid-placements"  # one version per flow run, attached to it: a row per task run
 _PAGE = 200  # documents per read of the record list
 MIN_PREFIX = 4  # shortest boost id prefix accepted by release/extend
 BOOST_ID_LENGTH = 32  # uuid4().hex
 _HEX = re.compile(r"[0-9a-f]+")
+_FLOW_RUN_ID = re.compile(r"^flow run .* \(([0-9a-f-]{36})\)$")  # the form control.boosts.requested_by writes
 logger = logging.getLogger("grid_flows.adapters.prefect.store")
 
 
@@ -338,9 +341,21 @@ class BoostStore:
         )
 
     def emit(self, event: str, boost: Boost, **extra: str) -> None:
-        """Emit ``grid.boost.<what>`` with resource id ``grid.boost.<id>``."""
+        """Emit ``grid.boost.<what>`` with resource id ``grid.boost.<id>``; the source and target
+        nodes (``grid.node.<name>``, roles ``lender`` and ``borrower``) and the flow run that asked,
+        if one did, are related resources, so the event feed's filters and Details tab find them."""
         from prefect.events import emit_event
 
+        related = [
+            {"prefect.resource.id": f"grid.node.{boost.source}", "prefect.resource.role": "lender",
+             "prefect.resource.name": boost.source},
+            {"prefect.resource.id": f"grid.node.{boost.target}", "prefect.resource.role": "borrower",
+             "prefect.resource.name": boost.target},
+        ]
+        flow_run = _FLOW_RUN_ID.search(boost.requested_by or "")
+        if flow_run:
+            related.append({"prefect.resource.id": f"prefect.flow-run.{flow_run.group(1)}",
+                            "prefect.resource.role": "flow-run"})
         try:
             emit_event(
                 event=event,
@@ -351,8 +366,10 @@ class BoostStore:
                     "grid.target": boost.target,
                     "grid.priority": boost.priority.value,
                 },
+                related=related,
                 payload={
                     "state": boost.state.value,
+                    "resources": boost.resources.describe(),  # "2 CPU, 4 GiB": units a person reads
                     "cpu": boost.resources.cpu,
                     "gpu": boost.resources.gpu,
                     "memory_bytes": boost.resources.memory,

@@ -216,9 +216,8 @@ def _check_reachable(address: str, timeout_seconds: float = CONNECT_TIMEOUT_SECO
 def grid_nodes() -> dict[str, NodeInfo]:
     """Nodes that carry a ``grid.node`` label, by name; a live node wins over a dead one of that name."""
     import ray
-    from ray._private.state import available_resources_per_node
 
-    available = available_resources_per_node()
+    available = _available_per_node()
     nodes: dict[str, NodeInfo] = {}
     for node in ray.nodes():
         name = (node.get("Labels") or {}).get(NODE_LABEL)
@@ -234,6 +233,26 @@ def grid_nodes() -> dict[str, NodeInfo]:
         if name not in nodes or (info.alive and not nodes[name].alive):
             nodes[name] = info
     return nodes
+
+
+CLIENT_READ_TIMEOUT_SECONDS = 60.0  # the first read over a client connection starts a worker on the cluster
+
+
+def _available_per_node() -> dict[str, dict[str, float]]:
+    """Each node's available resources, by node id: the one read of them, in a driver and over
+    a ``ray://`` client connection alike.
+
+    Ray's per-node read needs the driver's own GCS connection, which a client connection lacks;
+    there it runs as a zero-CPU task on the cluster, as Ray's ``client_mode_wrap`` does for
+    ``placement_group_table`` (not used itself: its ``ray.get`` has no timeout, and it would
+    start a local Ray in a process not connected yet)."""
+    import ray
+    from ray._private.state import available_resources_per_node
+
+    if ray.util.client.ray.is_connected():
+        read = ray.remote(num_cpus=0, max_retries=0)(available_resources_per_node)
+        return ray.get(read.remote(), timeout=CLIENT_READ_TIMEOUT_SECONDS)
+    return available_resources_per_node()
 
 
 def group_handle(group_id: str):
@@ -297,11 +316,9 @@ def create_boost_group(name: str, source: str, resources: Resources, timeout_sec
 
 def _group_available(group_id: str) -> dict[str, float]:
     """The group's resources Ray shows available, by plain name; empty once the group is gone."""
-    from ray._private.state import available_resources_per_node
-
     suffix = f"_group_{group_id}"
     available: dict[str, float] = {}
-    for per_node in available_resources_per_node().values():
+    for per_node in _available_per_node().values():
         for key, value in per_node.items():
             if key.endswith(suffix):
                 available[key[: -len(suffix)]] = value

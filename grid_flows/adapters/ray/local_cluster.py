@@ -25,7 +25,6 @@ from grid_flows.errors import GridError
 
 
 # Small object stores keep a one-machine cluster light (docs/architecture.md, "Ray facts").
-# Small object stores keep a one-machine cluster light (docs/architecture.md, "Ray facts").
 LOCAL_OBJECT_STORE_BYTES = 78 * 1024**2
 
 

@@ -1,0 +1,188 @@
+"""A Ray client connection (``ray://host:port``), as prefect-ray's docstring shows it (issue 20, item 2).
+
+The cluster here is started the way a user starts one: ``ray start --head`` with a client
+server port, and ``ray start --address`` for a lender, each with the flags ``grid node
+ray-args`` prints. Every process it starts carries a marker in its environment, and only
+those processes are stopped afterwards (``ray stop`` would stop the session's cluster too).
+
+The flow and the ``grid`` commands run in their own processes: a process holds one Ray
+connection, and the test process's is the session cluster's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from grid_flows.adapters.ray.cluster import ray_start_args
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+_MARK = "GRID_TEST_RAY_CLIENT_MARK"
+_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(_MARK) == mark:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _stop_marked(mark: str) -> None:
+    processes = _marked(mark)
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def _ray_start(args: list[str], tmp: str, env: dict[str, str], worker_ports: int) -> None:
+    # Explicit ports: the session's cluster runs on this machine too. Worker ports sit above
+    # Ray's default range (10002-19999, the session's) and below the kernel's ephemeral range.
+    ports = [
+        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+        f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 99}",
+    ]
+    done = subprocess.run([str(_BIN / "ray"), "start", *args, *ports, f"--temp-dir={tmp}", "--disable-usage-stats",
+                           "--node-ip-address=127.0.0.1", f"--object-store-memory={78 * 1024**2}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def client_address(grid_session):
+    """``ray://`` address of a 2-node cluster (gpu-master with a client server, gpu1 lending)."""
+    spec = grid_session.spec
+    nodes = {node.name: node for node in spec.nodes}
+    mark = uuid.uuid4().hex
+    tmp = tempfile.mkdtemp(prefix="grid-rc-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    env[_MARK] = mark
+    gcs, client = _free_port(), _free_port()
+    first_worker_port = 20000 + random.randrange(40) * 200
+    try:
+        _ray_start([*ray_start_args(nodes["gpu-master"]), f"--port={gcs}", "--include-dashboard=false",
+                    f"--ray-client-server-port={client}"], f"{tmp}/head", env, first_worker_port)
+        _ray_start(ray_start_args(nodes["gpu1"], f"127.0.0.1:{gcs}"), f"{tmp}/gpu1", env, first_worker_port + 100)
+        yield f"ray://127.0.0.1:{client}"
+    finally:
+        _stop_marked(mark)
+        assert _marked(mark) == []
+
+
+def _env(grid, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    return {**env, "PREFECT_API_URL": grid.api_url, **extra}
+
+
+@pytest.fixture
+def session_controller_stopped(grid, monkeypatch):
+    """Boost records are not scoped to a cluster yet (issue 16): the session cluster's controller
+    would judge this cluster's boosts lost. It is stopped meanwhile; the next test starts it anew."""
+    from tests.conftest import stop_the_controller
+
+    stop_the_controller(monkeypatch)
+    return grid
+
+
+_CLIENT_FLOW = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from prefect import flow, task
+    from grid_flows import BoostRayTaskRunner, boost, list_boosts
+
+    @task
+    def where(i: int) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_labels().get("grid.node"), "group": ctx.get_placement_group_id() or ""}
+
+    @flow(task_runner=BoostRayTaskRunner(address=sys.argv[1]))
+    def through_the_client() -> dict:
+        before = where.submit(0).result(timeout=120)
+        with boost(cpu=1, source="gpu1", duration="2m", on_unavailable="fail") as granted:
+            inside = [f.result(timeout=120) for f in where.map(range(3))]
+        return {"before": before, "inside": inside, "boost": granted.id, "group": granted.placement_group_id}
+
+    result = through_the_client()
+    print("RESULT " + json.dumps({**result, "live": [b.id for b in list_boosts()]}), flush=True)
+    """
+)
+
+
+def test_a_boosted_flow_runs_through_a_ray_client_connection(session_controller_stopped, client_address):
+    grid = session_controller_stopped
+    done = subprocess.run([sys.executable, "-c", _CLIENT_FLOW, client_address],
+                          env=_env(grid, PREFECT_INTEGRATIONS_GRID_CONTROLLER="true"),
+                          capture_output=True, text=True, timeout=240)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["before"] == {"node": "gpu-master", "group": ""}  # the runner found its target by label
+    groups = {row["group"] for row in result["inside"]}
+    assert result["group"] in groups and groups <= {"", result["group"]}
+    assert all(row["node"] == "gpu1" for row in result["inside"] if row["group"])
+    assert result["boost"] not in result["live"]  # released when the block ended
+
+
+def _grid(grid, *args: str) -> subprocess.CompletedProcess:
+    # Controller off: each command reads and changes the cluster from its own client connection.
+    return subprocess.run([str(_BIN / "grid"), *args], env=_env(grid, PREFECT_INTEGRATIONS_GRID_CONTROLLER="false"),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_grid_commands_request_release_and_reconcile_through_a_ray_client_connection(
+        session_controller_stopped, client_address):
+    grid = session_controller_stopped
+    asked = _grid(grid, "boost", "request", "gpu-master", "--cpu", "1", "--source", "gpu1", "--duration", "2m",
+                  "--json", "--address", client_address)
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    boost = json.loads(asked.stdout)
+    assert boost["state"] == "active" and boost["placement_group_id"]
+
+    too_much = _grid(grid, "boost", "request", "gpu-master", "--cpu", "2", "--source", "gpu1",
+                     "--address", client_address)  # gpu1 lends 2 CPU; 1 is taken
+    assert too_much.returncode == 3 and "gpu1" in too_much.stderr and "Traceback" not in too_much.stderr
+
+    reconciled = _grid(grid, "boost", "reconcile", "--address", client_address)
+    assert reconciled.returncode == 0, reconciled.stderr[-3000:]
+    assert "agree" in reconciled.stdout  # the live boost is neither lost nor an orphan
+
+    released = _grid(grid, "boost", "release", boost["id"], "--address", client_address)
+    assert released.returncode == 0, released.stderr[-3000:]
+    again = _grid(grid, "boost", "request", "gpu-master", "--cpu", "2", "--source", "gpu1", "--json",
+                  "--address", client_address)  # the released CPU is lendable again at once
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _grid(grid, "boost", "release", json.loads(again.stdout)["id"], "--address", client_address).returncode == 0
