@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,7 +100,23 @@ def client_address(grid_session):
         yield f"ray://127.0.0.1:{client}"
     finally:
         _stop_marked(mark)
+        shutil.rmtree(tmp, ignore_errors=True)
         assert _marked(mark) == []
+
+
+# Ray's client server starts one process per connection; on this loaded 2-core machine one such
+# process sometimes dies before it answers (prefect-ray's own ray:// fixture hits it too).
+_CLIENT_START_FLAKE = "Starting Ray client server failed"
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a process that connects over ray://, again (at most twice more) only when Ray's
+    client server failed to start its per-connection process."""
+    for _ in range(3):
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+        if _CLIENT_START_FLAKE not in done.stderr:
+            return done
+    return done
 
 
 def _env(grid, **extra: str) -> dict[str, str]:
@@ -144,9 +161,8 @@ _CLIENT_FLOW = textwrap.dedent(
 
 def test_a_boosted_flow_runs_through_a_ray_client_connection(session_controller_stopped, client_address):
     grid = session_controller_stopped
-    done = subprocess.run([sys.executable, "-c", _CLIENT_FLOW, client_address],
-                          env=_env(grid, PREFECT_INTEGRATIONS_GRID_CONTROLLER="true"),
-                          capture_output=True, text=True, timeout=240)
+    done = _run([sys.executable, "-c", _CLIENT_FLOW, client_address],
+                env=_env(grid, PREFECT_INTEGRATIONS_GRID_CONTROLLER="true"), timeout=240)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-4000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
@@ -159,8 +175,8 @@ def test_a_boosted_flow_runs_through_a_ray_client_connection(session_controller_
 
 def _grid(grid, *args: str) -> subprocess.CompletedProcess:
     # Controller off: each command reads and changes the cluster from its own client connection.
-    return subprocess.run([str(_BIN / "grid"), *args], env=_env(grid, PREFECT_INTEGRATIONS_GRID_CONTROLLER="false"),
-                          capture_output=True, text=True, timeout=120)
+    return _run([str(_BIN / "grid"), *args], env=_env(grid, PREFECT_INTEGRATIONS_GRID_CONTROLLER="false"),
+                timeout=120)
 
 
 def test_grid_commands_request_release_and_reconcile_through_a_ray_client_connection(
