@@ -21,10 +21,9 @@ import base64
 import os
 from typing import Optional
 
-from grid_flows.adapters.prefect.records import BOOST_HISTORY_SLUG, BOOST_SLUG, boost_from_data
+from grid_flows.adapters.prefect.records import BOOST_HISTORY_SLUG, BOOST_SLUG, PAGE, boost_from_data, documents_page
 from grid_flows.core.models import Boost
 
-PAGE = 200  # documents per read, as BoostStore pages
 TIMEOUT_SECONDS = 5.0
 # Settings that change how Prefect's client talks to the API: with any of them set, the full client reads.
 CLIENT_SETTINGS = ("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "PREFECT_API_SSL_CERT_FILE", "PREFECT_CLIENT_CUSTOM_HEADERS",
@@ -74,10 +73,7 @@ def _read_type(client, slug: str) -> list[Boost]:
     boosts: list[Boost] = []
     offset = 0
     while True:
-        response = client.post("/block_documents/filter", json={
-            "block_documents": {"block_type_id": {"any_": [type_id]}},
-            "sort": "NAME_ASC", "offset": offset, "limit": PAGE, "include_secrets": False,
-        })
+        response = client.post("/block_documents/filter", json=documents_page(type_id, offset))
         response.raise_for_status()
         page = response.json()
         offset += len(page)

@@ -17,6 +17,16 @@ from grid_flows.core.models import Boost, Resources
 
 BOOST_SLUG = "grid-boost"  # live boosts
 BOOST_HISTORY_SLUG = "grid-boost-history"  # ended boosts, kept for the record
+PAGE = 200  # documents per read of a record list
+
+
+def documents_page(type_id: str, offset: int) -> dict:
+    """The body of ``POST /block_documents/filter`` for one page of a block type's documents, by
+    name. By type id, not slug: the server answers a slug filter with a check per document of every
+    type; the (block_type_id, name) index serves this one. This route honours offset and limit; the
+    per-type route (``read_block_documents_by_type``) ignores both, so paging over it never ends."""
+    return {"block_documents": {"block_type_id": {"any_": [type_id]}},
+            "sort": "NAME_ASC", "offset": offset, "limit": PAGE, "include_secrets": False}
 
 
 def boost_from_data(data: dict) -> Boost:

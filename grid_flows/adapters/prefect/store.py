@@ -32,7 +32,7 @@ from prefect.client.schemas.actions import BlockDocumentCreate, BlockDocumentUpd
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from grid_flows.adapters.prefect.blocks import GridBoost, GridBoostHistory, GridCluster
-from grid_flows.adapters.prefect.records import boost_document_name, boost_from_data
+from grid_flows.adapters.prefect.records import PAGE, boost_document_name, boost_from_data, documents_page
 from grid_flows.core.models import Boost, ClusterSpec, Resources, utcnow
 from grid_flows.errors import GridError, InvalidRequest, UnknownBoost
 from grid_flows.adapters.prefect.settings import GridSettings
@@ -42,7 +42,6 @@ from grid_flows.errors import ClusterNotConfigured
 
 BOOSTS_ARTIFACT_KEY = "grid-boosts"
 PLACEMENTS_ARTIFACT_KEY = "grid-placements"  # one version per flow run, attached to it: a row per task run
-_PAGE = 200  # documents per read of the record list
 MIN_PREFIX = 4  # shortest boost id prefix accepted by release/extend
 BOOST_ID_LENGTH = 32  # uuid4().hex
 _HEX = re.compile(r"[0-9a-f]+")
@@ -224,25 +223,17 @@ class BoostStore:
         return sorted(boosts.values(), key=lambda b: b.created_at, reverse=True)
 
     def _all_docs(self, block_cls: type) -> list:
-        """Every document of ``block_cls``, paged by name.
-
-        Through ``POST /block_documents/filter``, which honours offset and limit; the
-        per-type route (``read_block_documents_by_type``) ignores both and returns every
-        document each time, so paging over it never ends."""
+        """Every document of ``block_cls``, paged by name (``records.documents_page`` says why so)."""
         from prefect.client.schemas.objects import BlockDocument
 
-        # By type id, not slug: the server answers a slug filter with a check per document of
-        # every type (the history included); the (block_type_id, name) index serves this one.
         _, type_id = _register(block_cls)
         docs: list = []
         while True:
-            response = self.client.request("POST", "/block_documents/filter", json={
-                "block_documents": {"block_type_id": {"any_": [str(type_id)]}},
-                "sort": "NAME_ASC", "offset": len(docs), "limit": _PAGE, "include_secrets": False,
-            })
+            response = self.client.request("POST", "/block_documents/filter",
+                                           json=documents_page(str(type_id), len(docs)))
             page = BlockDocument.model_validate_list(response.json())
             docs.extend(page)
-            if len(page) < _PAGE:
+            if len(page) < PAGE:
                 return docs
 
     def history(self) -> list[Boost]:
