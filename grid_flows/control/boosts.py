@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -250,6 +251,8 @@ def request(
             # ended some. Read them again (at most once a second) before saying no.
             lent = ledger.held_by_lender(store.list(), count_pending=True)
             candidates = _candidates(spec, target, source, resources, nodes, lent)
+        if not candidates:
+            nodes, candidates = _await_ray_view(spec, target, source, resources, nodes, lent)
         for attempt, lender in enumerate(candidates):
             boost = ledger.new_boost(
                 _attempt_id(key, attempt), source=lender, target=target, resources=resources, priority=prio,
@@ -370,7 +373,6 @@ def _preempt_and_grant(
     prio: Priority, seconds: float, origin: str, boost_id: str, requester: str,
 ) -> Boost | None:
     """Take the capacity from strictly lower-priority boosts, gracefully; None if no plan exists."""
-    import time
 
     from grid_flows.core.preemption import plan_preemption
 
@@ -538,6 +540,41 @@ def _candidates(spec: ClusterSpec, target: str, source: str | None, resources: R
     return [name for _, _, name in sorted(scored)]
 
 
+RAY_VIEW_CATCHUP_SECONDS = 3.0  # a removed group's lend tokens reach Ray's view of its node a moment later
+
+
+def _await_ray_view(spec: ClusterSpec, target: str, source: str | None, resources: Resources,
+                    nodes: dict[str, rc.NodeInfo], lent: dict[str, Resources]) -> tuple[dict[str, rc.NodeInfo], list[str]]:
+    """When the records leave a lender room that Ray does not show free yet (a group removed
+    just now: Ray's view of the node catches up shortly after), read Ray again for a moment
+    rather than refuse a request the cluster can hold. Lend tokens are held only by boost
+    groups, so this wait is short and happens only on the refusal path."""
+    deadline = time.monotonic() + RAY_VIEW_CATCHUP_SECONDS
+    while _lagging_lenders(spec, target, source, resources, nodes, lent) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling Ray's view of the node, bounded by the deadline
+        nodes = rc.grid_nodes()
+        candidates = _candidates(spec, target, source, resources, nodes, lent)
+        if candidates:
+            return nodes, candidates
+    return nodes, []
+
+
+def _lagging_lenders(spec: ClusterSpec, target: str, source: str | None, resources: Resources,
+                     nodes: dict[str, rc.NodeInfo], lent: dict[str, Resources]) -> list[str]:
+    """Running lenders whose unlent share (by the records) holds the request while Ray's free
+    lend tokens do not."""
+    names = [source] if source else [n.name for n in spec.lenders() if n.name != target]
+    lagging = []
+    for name in names:
+        info = nodes.get(name)
+        if info is None or not info.alive:
+            continue
+        unlent = spec.node(name).share.minus(lent.get(name, Resources()))
+        if resources.fits_in(unlent) and resources.fits_in(info.lendable_total) and not resources.fits_in(info.lendable_free):
+            lagging.append(name)
+    return lagging
+
+
 def _no_capacity_message(spec: ClusterSpec, target: str, source: str | None, resources: Resources,
                          lent: dict[str, Resources]) -> str:
     live = rc.grid_nodes()
@@ -639,8 +676,6 @@ def unhold(boost_id: str) -> None:
 
 
 def _drain(boost: Boost, seconds: float) -> None:
-    import time
-
     deadline = time.monotonic() + seconds
     # Polling Ray's view of the group, bounded by ``seconds``.
     while time.monotonic() < deadline and not rc.group_idle(boost.placement_group_id, bundle(boost.resources)):
@@ -648,8 +683,9 @@ def _drain(boost: Boost, seconds: float) -> None:
 
 
 def _remove(boost: Boost, wait: bool = True) -> None:
-    """Remove the boost's group; with ``wait``, return once Ray shows its capacity free (up
-    to 2 s), so a request made right after a release finds it."""
+    """Remove the boost's group; with ``wait``, return once Ray shows the group gone (up to
+    2 s). The node's lend tokens may show free a moment later; a request waits for that
+    (``_await_ray_view``)."""
     group_id = boost.placement_group_id
     if group_id is None:
         group = rc.grid_groups().get(boost.placement_group)

@@ -342,8 +342,8 @@ def remove_group(group_id: str) -> None:
 
 
 def wait_group_freed(group_id: str, timeout_seconds: float = 2.0) -> bool:
-    """Poll until Ray shows none of a removed group's resources: its bundle is back in the
-    node's pool (removal returns it ~100 ms later), so a request made next can have it.
+    """Poll until Ray shows none of a removed group's resources (removal takes ~100 ms).
+    Ray's view of the node's own pool can show the bundle back a moment later still.
     False if it is still held after ``timeout_seconds`` or Ray could not be asked."""
     deadline = time.monotonic() + timeout_seconds
     while True:
