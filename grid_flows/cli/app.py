@@ -31,7 +31,7 @@ from grid_flows.errors import (
     ClusterNotConfigured, GpuUnavailable, GridError, IllegalTransition, InvalidRequest, NoCapacity, OffloadFailed,
     ControllerUnavailable, RayUnavailable, VramCapExceeded,
 )
-from grid_flows.core.units import format_amount, format_bytes, format_duration
+from grid_flows.core.units import NO_VALUE, format_amount, format_bytes, format_duration
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="grid-flows: borrow capacity across a Ray cluster.")
 blocks_app = typer.Typer(no_args_is_help=True, help="Apply block documents (the cluster definition).")
@@ -248,13 +248,13 @@ def _status_table(every: list[Boost], shown: list[Boost], include_ended: bool):
         table.add_row(
             prefixes[b.id],
             f"{b.source} -> {b.target}",
-            format_amount(b.resources.cpu) if b.resources.cpu else "-",
-            format_amount(b.resources.gpu) if b.resources.gpu else "-",
-            format_bytes(b.resources.memory) if b.resources.memory else "-",
+            format_amount(b.resources.cpu) if b.resources.cpu else NO_VALUE,
+            format_amount(b.resources.gpu) if b.resources.gpu else NO_VALUE,
+            format_bytes(b.resources.memory) if b.resources.memory else NO_VALUE,
             b.priority.value,
             shown_state(b),
-            time_left(b) if live else "-",
-            b.requested_by or "-",
+            time_left(b) if live else NO_VALUE,
+            b.requested_by or NO_VALUE,
         )
     table.add_section()
     table.add_row("total", "", format_amount(total_cpu), format_amount(total_gpu), format_bytes(total_mem), "", "", "",

@@ -8,7 +8,7 @@ Example:
     ```
 
 Pressure and trends come from the metrics history the ``grid-rebalance`` flow keeps
-(``GridMetricsHistory`` block); "-" means no sample was taken yet.
+(``GridMetricsHistory`` block); "—" means no sample was taken yet.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from grid_flows.core.units import format_amount
+from grid_flows.core.units import NO_VALUE, format_amount
 
 cluster_app = typer.Typer(no_args_is_help=True, help="Inspect the cluster's nodes.")
 sharing_app = typer.Typer(no_args_is_help=True, help="Inspect resource sharing: lenders, borrowers, policy.")
@@ -79,11 +79,11 @@ def cluster_status_command(
     for s in status:
         table.add_row(
             s["node"], s["role"], s["status"], describe_resources(s["total"]),
-            s["lendable"].describe() if not s["lendable"].is_zero() else "-",
-            s["lent"].describe() if not s["lent"].is_zero() else "-",
+            s["lendable"].describe() if not s["lendable"].is_zero() else NO_VALUE,
+            s["lent"].describe() if not s["lent"].is_zero() else NO_VALUE,
             describe_resources(s["free"]),
-            "-" if s["pressure"] is None else f"{s['pressure']:.2f}",
-            " / ".join(s["trends"].get(m, "-") for m in (5, 15, 60)),
+            NO_VALUE if s["pressure"] is None else f"{s['pressure']:.2f}",
+            " / ".join(s["trends"].get(m, NO_VALUE) for m in (5, 15, 60)),
         )
     out.print(table)
     for line in mismatches.values():
@@ -142,7 +142,7 @@ def sharing_status_command(
         table.add_column(column, no_wrap=True)
     for l in lenders:
         table.add_row(l["node"], str(l["priority"]), l["share"].describe(),
-                      l["lent"].describe() if not l["lent"].is_zero() else "-", l["free"].describe(), str(l["boosts"]))
+                      l["lent"].describe() if not l["lent"].is_zero() else NO_VALUE, l["free"].describe(), str(l["boosts"]))
     out.print(table if lenders else "No node lends (set resource_sharing.can_share on a worker).")
     if borrowers:
         table = Table(title="borrowers", title_justify="left")

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from grid_flows.errors import InvalidRequest
+from grid_flows.core.units import NO_VALUE
 
 offload_app = typer.Typer(no_args_is_help=True, help="Run commands where capacity is; find candidates to move.")
 
@@ -125,7 +126,7 @@ def offload_scan(
             table.add_column(column, overflow="fold")
         for r in rows:
             table.add_row(str(r["pid"]), r["user"], f"{r['cpu_percent']:.0f}", r["rss_human"], r["command"],
-                          r["best_node"] or "-", f"{r['confidence']:.2f}", r["reason"], r["offload_command"] or "-")
+                          r["best_node"] or NO_VALUE, f"{r['confidence']:.2f}", r["reason"], r["offload_command"] or NO_VALUE)
         out.print(table)
     if show_skipped and not as_json:
         for s in skipped:

@@ -256,7 +256,7 @@ def request(
         for attempt, lender in enumerate(candidates):
             boost = ledger.new_boost(
                 _attempt_id(key, attempt), source=lender, target=target, resources=resources, priority=prio,
-                duration_seconds=seconds, now=utcnow(), origin=origin, requested_by=requester,
+                duration_seconds=seconds, now=utcnow(), origin=origin, requested_by=requester, cluster=spec.name,
             )
             # Ray's lend tokens arbitrate only while they match the share; after an admin
             # lowered the share without restarting the node, the share is checked under the lock.
@@ -390,7 +390,7 @@ def _preempt_and_grant(
         return None
     boost = ledger.new_boost(boost_id, source=plan.lender, target=target, resources=resources,
                              priority=prio, duration_seconds=seconds, now=utcnow(), origin=origin,
-                             requested_by=requester)
+                             requested_by=requester, cluster=spec.name)
     # Claim first: Ray queues this group ahead of any request made after it.
     store.create(boost)
     group = None

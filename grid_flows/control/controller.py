@@ -149,7 +149,7 @@ class ControllerStore(BoostStore):
     (each keeps its own API client open)."""
 
     def __init__(self, controller: "BoostController") -> None:
-        super().__init__()
+        super().__init__(controller.cluster)
         self._controller = controller
         self._memory = controller.memory
         self._doc_ids = controller.memory.doc_ids  # shared: another thread may have written it
@@ -225,9 +225,10 @@ class Publisher:
     """Sends events (in order, none dropped) and the ``grid-boosts`` table (coalesced: the
     latest live set) from one background thread, off the hot path."""
 
-    def __init__(self, memory: Memory, context) -> None:
+    def __init__(self, memory: Memory, context, cluster: str) -> None:
         self._memory = memory
         self._context = context  # a callable returning the Prefect settings context to enter
+        self._cluster = cluster
         self._cond = threading.Condition()
         self._events: deque[tuple[str, Boost, dict]] = deque()
         self._dirty = False
@@ -256,7 +257,7 @@ class Publisher:
         return True
 
     def _run(self) -> None:
-        with self._context(), BoostStore() as store:
+        with self._context(), BoostStore(self._cluster) as store:
             while True:
                 with self._cond:
                     while not (self._events or self._dirty):
@@ -294,7 +295,7 @@ class BoostController:
         self._spec_read_at = 0.0
         self._resynced_at = float("-inf")
         self._spec_lock = threading.Lock()
-        self.publisher = Publisher(self.memory, self._context)
+        self.publisher = Publisher(self.memory, self._context, cluster)
         self._enders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grid-controller-end")
         self._ending: set[str] = set()
         self._stopped_watches: set[str] = set()

@@ -81,6 +81,7 @@ def new_boost(
     now: datetime,
     origin: str = "api",
     requested_by: str = "",
+    cluster: str = "default",
 ) -> Boost:
     """A pending boost; ``expires_at`` is provisional until the grant restarts the clock."""
     return Boost(
@@ -96,6 +97,7 @@ def new_boost(
         placement_group=placement_group_name(boost_id),
         origin=origin,
         requested_by=requested_by,
+        cluster=cluster,
     )
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone  # noqa: F401  (used by the docstring examples)
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
+from grid_flows.core.units import NO_VALUE
 from grid_flows.core.models import utcnow
 from grid_flows.errors import InvalidRequest
 from grid_flows.core.pressure import MetricsHistory, NodeSample, Trend, pressure_of, trends
@@ -281,9 +282,9 @@ class MetricsCollector:
 
 
 def describe_trend(t: Trend) -> str:
-    """``+0.050/min`` (rising), ``-0.010/min``, ``flat``, or ``-`` with fewer than two points."""
+    """``+0.050/min`` (rising), ``-0.010/min``, ``flat``, or ``—`` with fewer than two points."""
     if t.n_points < 2:
-        return "-"
+        return NO_VALUE
     if abs(t.slope_per_minute) < 0.0005:
         return "flat"
     return f"{t.slope_per_minute:+.3f}/min"
@@ -303,7 +304,7 @@ class NodePressure:
 def node_pressure(history: MetricsHistory, node: str, now: datetime | None = None) -> NodePressure:
     latest = history.latest(node)
     if latest is None:
-        return NodePressure(node, trends={m: "-" for m in (5, 15, 60)})
+        return NodePressure(node, trends={m: NO_VALUE for m in (5, 15, 60)})
     scores = pressure_of(latest)
     now = now or latest.at
     return NodePressure(

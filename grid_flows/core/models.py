@@ -356,6 +356,16 @@ class NodeSpec(Strict):
     def share(self) -> Resources:
         return self.resource_sharing.share
 
+    def describe(self) -> str:
+        """What the node is, in one line: ``worker, 4 CPU, 1 GPU, 16 GiB; lends 2 CPU, 1 GPU; mode default``."""
+        lends = self.share.describe() if self.resource_sharing.can_share and not self.share.is_zero() else "nothing"
+        return f"{self.role.value}, {describe_size(self.size)}; lends {lends}; mode {self.mode.value}"
+
+
+def describe_size(r: Resources) -> str:
+    """All three amounts, zeros included: ``4 CPU, 0 GPU, 16 GiB``."""
+    return f"{format_amount(r.cpu)} CPU, {format_amount(r.gpu)} GPU, {format_bytes(r.memory)}"
+
 
 class Threshold(Strict):
     high: float = Field(0.8, ge=0, le=1, allow_inf_nan=False)
@@ -474,6 +484,9 @@ class Boost(BaseModel):
     origin: str = "api"
     requested_by: str = ""  # the flow run, or user@host, that asked for it
     preempted_by: str = ""  # while active: the boost whose preemption of this one is under way
+    # The GridCluster block the boost belongs to: clusters sharing one Prefect server never
+    # judge each other's records ("default" for records written before clusters were named).
+    cluster: str = "default"
 
     @property
     def short_id(self) -> str:

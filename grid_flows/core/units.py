@@ -150,6 +150,9 @@ def format_bytes(n: int | float) -> str:
     return f"{n:.0f} B"
 
 
+NO_VALUE = "—"  # what an empty artifact cell shows: the Prefect UI renders a lone "-" as a list bullet
+
+
 def format_amount(value: float) -> str:
     """``2`` rather than ``2.0``; ``0.5`` stays ``0.5``."""
     return f"{value:g}"

@@ -62,6 +62,7 @@ from prefect.states import Cancelled
 from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
 from grid_flows.core.models import Priority, Resources
+from grid_flows.core.units import NO_VALUE
 from grid_flows.core.placement import Strategy
 from grid_flows.adapters.ray.cluster import NODE_LABEL
 from grid_flows.errors import GridError, InvalidRequest, NoCapacity
@@ -382,7 +383,7 @@ def _run(argv, cwd, env, node_spec, kind, where, reason, target, strategy, place
     rows = [("node", where), ("placement", kind.value), ("target", target), ("strategy", strategy),
             ("confidence", f"{placement.confidence:.2f}"), ("reason", reason),
             ("resources", resources.describe()), ("resource mode", limits.describe()),
-            ("boost", boost.id if boost else "-"), ("cwd", cwd or "(home directory on the node)"),
+            ("boost", boost.id if boost else NO_VALUE), ("cwd", cwd or "(home directory on the node)"),
             ("timeout", f"{timeout_seconds:g} s" if timeout_seconds else "none")]
     log.info("running %s on %s (%s): %s", argv[0], where, kind.value, reason)
 

@@ -45,11 +45,11 @@ from grid_flows.adapters.prefect.metrics_store import HISTORY_BLOCK_DEFAULT, Blo
 from grid_flows.core.metrics import (
     MetricsCollector, MetricsSource, NodeReading, check_history_name, node_pressure,
 )
-from grid_flows.core.models import Boost, ClusterSpec, Resources, utcnow
+from grid_flows.core.models import Boost, ClusterSpec, Resources, describe_size, utcnow
 from grid_flows.errors import GridError, InvalidRequest
 from grid_flows.core.policy import Decision, decide
 from grid_flows.adapters.prefect.store import BoostStore
-from grid_flows.core.units import format_amount, format_bytes
+from grid_flows.core.units import NO_VALUE
 
 PRESSURE_ARTIFACT_KEY = "grid-pressure"
 SUMMARY_ARTIFACT_KEY = "grid-rebalance"
@@ -169,11 +169,11 @@ def _reclaim(store: BoostStore, spec: ClusterSpec, d: Decision) -> Boost:
 
 
 def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.0f} %"
+    return NO_VALUE if value is None else f"{value:.0f} %"
 
 
 def _score(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    return NO_VALUE if value is None else f"{value:.2f}"
 
 
 def _decision_text(d: Decision, outcome: dict[str, Any]) -> str:
@@ -200,15 +200,15 @@ def pressure_rows(spec: ClusterSpec, history, readings: dict[str, NodeReading], 
             "CPU": _pct(sample.cpu_percent if sample else None),
             "Memory": _pct(sample.memory_percent if sample else None),
             "Swap": _pct(sample.swap_percent if sample else None),
-            "Load 1 min": f"{sample.load_1m:.2f}" if sample else "-",
+            "Load 1 min": f"{sample.load_1m:.2f}" if sample else NO_VALUE,
             "GPU": (f"{_pct(sample.gpu_util_percent)} util, {_pct(sample.gpu_memory_percent)} memory"
-                    if sample and sample.has_gpu else (reading.gpu if reading and sample else "-")),
-            "Pressure (0-1)": _score(p.total) if sample else "-",
-            "Trend 5 min": p.trends.get(5, "-"),
-            "Trend 15 min": p.trends.get(15, "-"),
-            "Trend 60 min": p.trends.get(60, "-"),
+                    if sample and sample.has_gpu else (reading.gpu if reading and sample else NO_VALUE)),
+            "Pressure (0-1)": _score(p.total) if sample else NO_VALUE,
+            "Trend 5 min": p.trends.get(5, NO_VALUE),
+            "Trend 15 min": p.trends.get(15, NO_VALUE),
+            "Trend 60 min": p.trends.get(60, NO_VALUE),
             "Decision": "; ".join(_decision_text(d, o) for d, o in mine) or "none",
-            "Reason": "; ".join(d.reason for d, _ in mine) or "-",
+            "Reason": "; ".join(d.reason for d, _ in mine) or NO_VALUE,
         })
     return rows
 
@@ -285,9 +285,7 @@ def cluster_status(spec: ClusterSpec, live_boosts: list[Boost], history, nodes: 
 
 
 def describe_resources(r: Optional[Resources]) -> str:
-    if r is None:
-        return "-"
-    return f"{format_amount(r.cpu)} CPU, {format_amount(r.gpu)} GPU, {format_bytes(r.memory)}"
+    return NO_VALUE if r is None else describe_size(r)
 
 
 def status_rows(status: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -297,12 +295,12 @@ def status_rows(status: list[dict[str, Any]]) -> list[dict[str, str]]:
             "Role": s["role"],
             "Status": s["status"],
             "Total": describe_resources(s["total"]),
-            "Lendable": describe_resources(s["lendable"]) if not s["lendable"].is_zero() else "-",
-            "Lent": s["lent"].describe() if not s["lent"].is_zero() else "-",
-            "Borrowed": s["borrowed"].describe() if not s["borrowed"].is_zero() else "-",
+            "Lendable": describe_resources(s["lendable"]) if not s["lendable"].is_zero() else NO_VALUE,
+            "Lent": s["lent"].describe() if not s["lent"].is_zero() else NO_VALUE,
+            "Borrowed": s["borrowed"].describe() if not s["borrowed"].is_zero() else NO_VALUE,
             "Free (unreserved)": describe_resources(s["free"]),
             "Pressure (0-1)": _score(s["pressure"]),
-            "Trend 5/15/60 min": " / ".join(s["trends"].get(m, "-") for m in (5, 15, 60)),
+            "Trend 5/15/60 min": " / ".join(s["trends"].get(m, NO_VALUE) for m in (5, 15, 60)),
         }
         for s in status
     ]

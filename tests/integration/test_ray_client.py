@@ -6,7 +6,9 @@ ray-args`` prints. Every process it starts carries a marker in its environment, 
 those processes are stopped afterwards (``ray stop`` would stop the session's cluster too).
 
 The flow and the ``grid`` commands run in their own processes: a process holds one Ray
-connection, and the test process's is the session cluster's.
+connection, and the test process's is the session cluster's. This cluster is a second one on
+the session's Prefect server, defined by the GridCluster block ``lab``: the two never judge
+each other's boosts.
 """
 
 from __future__ import annotations
@@ -119,19 +121,27 @@ def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
     return done
 
 
+LAB = "lab"  # the GridCluster block of the ray:// cluster
+
+
 def _env(grid, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
-    return {**env, "PREFECT_API_URL": grid.api_url, **extra}
+    return {**env, "PREFECT_API_URL": grid.api_url, "PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK": LAB, **extra}
 
 
-@pytest.fixture
-def session_controller_stopped(grid, monkeypatch):
-    """Boost records are not scoped to a cluster yet (issue 16): the session cluster's controller
-    would judge this cluster's boosts lost. It is stopped meanwhile; the next test starts it anew."""
-    from tests.conftest import stop_the_controller
+@pytest.fixture(scope="module")
+def lab_block(grid_session):
+    """The ray:// cluster's definition: the session's nodes, as the GridCluster block ``lab``."""
+    from grid_flows.adapters.prefect.blocks import GridCluster
+    from grid_flows.adapters.prefect.store import BoostStore
 
-    stop_the_controller(monkeypatch)
-    return grid
+    with BoostStore() as store:
+        store.save_cluster(grid_session.spec, LAB)
+    yield LAB
+    with BoostStore(LAB) as store:
+        assert [b.id for b in store.list()] == []  # every lab boost was released
+        doc = store.client.read_block_document_by_name(LAB, GridCluster.get_block_type_slug())
+        store.client.delete_block_document(doc.id)
 
 
 _CLIENT_FLOW = textwrap.dedent(
@@ -159,8 +169,7 @@ _CLIENT_FLOW = textwrap.dedent(
 )
 
 
-def test_a_boosted_flow_runs_through_a_ray_client_connection(session_controller_stopped, client_address):
-    grid = session_controller_stopped
+def test_a_boosted_flow_runs_through_a_ray_client_connection(grid, lab_block, client_address):
     done = _run([sys.executable, "-c", _CLIENT_FLOW, client_address],
                 env=_env(grid, PREFECT_INTEGRATIONS_GRID_CONTROLLER="true"), timeout=240)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -179,9 +188,7 @@ def _grid(grid, *args: str) -> subprocess.CompletedProcess:
                 timeout=120)
 
 
-def test_grid_commands_request_release_and_reconcile_through_a_ray_client_connection(
-        session_controller_stopped, client_address):
-    grid = session_controller_stopped
+def test_grid_commands_request_release_and_reconcile_through_a_ray_client_connection(grid, lab_block, client_address):
     asked = _grid(grid, "boost", "request", "gpu-master", "--cpu", "1", "--source", "gpu1", "--duration", "2m",
                   "--json", "--address", client_address)
     assert asked.returncode == 0, asked.stderr[-3000:]
@@ -202,3 +209,37 @@ def test_grid_commands_request_release_and_reconcile_through_a_ray_client_connec
                   "--address", client_address)  # the released CPU is lendable again at once
     assert again.returncode == 0, again.stderr[-3000:]
     assert _grid(grid, "boost", "release", json.loads(again.stdout)["id"], "--address", client_address).returncode == 0
+
+
+def test_two_clusters_on_one_server_never_judge_each_others_boosts(grid, lab_block, client_address):
+    from grid_flows import list_boosts, release_boost, request_boost
+    from grid_flows.adapters.prefect.store import BoostStore
+    from grid_flows.control.boosts import reconcile
+    from grid_flows.core.models import BoostState
+    from grid_flows.errors import UnknownBoost
+
+    mine = request_boost("gpu-master", cpu=1, source="gpu1", duration="2m")  # the session cluster's, by its controller
+    asked = _grid(grid, "boost", "request", "gpu-master", "--cpu", "1", "--source", "gpu1", "--duration", "2m",
+                  "--json", "--address", client_address)
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    theirs = json.loads(asked.stdout)
+    assert theirs["cluster"] == LAB
+    try:
+        # The session cluster's reconcile has no group for the lab's boost in its Ray: not its to judge.
+        report = reconcile()
+        assert theirs["id"] not in report.lost + report.failed + report.expired
+        with BoostStore(LAB) as store:
+            assert store.get(theirs["id"]).state is BoostState.active
+        assert theirs["id"] not in {b.id for b in list_boosts(include_ended=True)}
+        with pytest.raises(UnknownBoost, match="belongs to cluster 'lab'"):
+            release_boost(theirs["id"])
+
+        # And the lab's reconcile, through its client connection, leaves the session's boost alone.
+        reconciled = _grid(grid, "boost", "reconcile", "--address", client_address)
+        assert reconciled.returncode == 0 and "agree" in reconciled.stdout, reconciled.stderr[-3000:]
+        status = _grid(grid, "boost", "status", "--json")
+        assert [b["id"] for b in json.loads(status.stdout)] == [theirs["id"]], status.stderr[-3000:]
+        assert [b.id for b in list_boosts() if b.state is BoostState.active] == [mine.id]
+    finally:
+        released = _grid(grid, "boost", "release", theirs["id"], "--address", client_address)
+        assert released.returncode == 0, released.stderr[-3000:]

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from grid_flows.core.units import NO_VALUE
 from grid_flows import list_boosts
 from grid_flows.flows.rebalance import (
     CLUSTER_ARTIFACT_KEY,
@@ -106,7 +107,8 @@ def test_pressured_head_borrows_from_the_idle_lender_and_gives_it_back_when_calm
     assert by_node["gpu-master"]["CPU"] == "95 %"
     assert by_node["gpu-master"]["Decision"].startswith("grant 1 CPU, 0.5 GPU, 2 GiB from gpu1")
     assert "above high in the last 2 samples" in by_node["gpu-master"]["Reason"]
-    assert by_node["gpu-master"]["Trend 5 min"] != "-"
+    assert by_node["gpu-master"]["Trend 5 min"] != NO_VALUE  # a trend ("flat" or "+0.1/min"), not the empty "—"
+    assert "-" not in {cell for row in rows for cell in row.values()}  # the UI shows a lone "-" as a bullet
 
     snapshot = {row["Node"]: row for row in cluster_status_snapshot()}
     assert snapshot["gpu1"]["Lent"] == "1 CPU, 0.5 GPU, 2 GiB"

@@ -13,6 +13,7 @@ from grid_flows.core.metrics import (
 )
 from grid_flows.adapters.host.probe import probe_host
 from grid_flows.errors import InvalidRequest
+from grid_flows.core.units import NO_VALUE
 from grid_flows.core.pressure import MetricsHistory, NodeSample, Trend
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -103,7 +104,7 @@ def test_node_pressure_and_trend_text():
     assert p.total == pytest.approx(0.3)
     assert p.trends[5] == "+0.100/min"
     assert node_pressure(history, "gpu2").total is None
-    assert describe_trend(Trend(0.0, 0.5, 1, timedelta(minutes=5))) == "-"
+    assert describe_trend(Trend(0.0, 0.5, 1, timedelta(minutes=5))) == NO_VALUE
     assert describe_trend(Trend(0.0, 0.5, 3, timedelta(minutes=5))) == "flat"
 
 

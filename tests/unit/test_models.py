@@ -791,3 +791,40 @@ def test_the_cluster_name_still_comes_from_the_block():
     # a spec dumped and validated again (the test helpers do this) keeps its name
     again = ClusterSpec.model_validate({**spec.model_dump(mode="json"), "name": "lab"})
     assert again.name == "lab"
+
+
+def test_each_node_reads_as_one_line():
+    spec = load_cluster_file(CLUSTER_YAML)
+    assert [n.describe() for n in spec.nodes] == [
+        "head, 1 CPU, 0 GPU, 2 GiB; lends nothing; mode aggressive",
+        "worker, 4 CPU, 1 GPU, 8 GiB; lends 2 CPU, 1 GPU, 4 GiB; mode conservative",
+        "worker, 2 CPU, 0 GPU, 4 GiB; lends 1 CPU, 2 GiB; mode default",
+    ]
+
+
+def test_the_cluster_block_summary_follows_its_nodes_whatever_it_was_given():
+    # The UI shows a list of objects as one clipped JSON line: the block carries a line per node.
+    from grid_flows.adapters.prefect.blocks import GridCluster
+
+    spec = load_cluster_file(CLUSTER_YAML)
+    block = GridCluster.from_spec(spec)
+    assert block.summary == {n.name: n.describe() for n in spec.nodes}
+    assert list(GridCluster.model_fields)[0] == "summary"  # the UI shows fields in this order
+    stale = {**block.model_dump(mode="json"), "summary": {"gpu9": "edited by hand"}}
+    stale["nodes"] = stale["nodes"][:2]
+    assert GridCluster.model_validate(stale).summary == {n.name: n.describe() for n in spec.nodes[:2]}
+
+
+def test_a_boost_record_shows_memory_and_duration_with_units_and_reads_back_the_same():
+    from grid_flows.adapters.prefect.blocks import GridBoost
+    from grid_flows.adapters.prefect.records import boost_from_data
+    from grid_flows.core import ledger
+    from grid_flows.core.models import utcnow
+
+    boost = ledger.new_boost("a" * 32, source="gpu1", target="gpu-master", resources=Resources(cpu=1, memory=2 * GIB),
+                             priority=Priority.normal, duration_seconds=1800, now=utcnow(), origin="api",
+                             requested_by="me@host")
+    data = GridBoost.from_boost(boost).model_dump(mode="json")
+    assert (data["memory"], data["duration"], data["memory_bytes"]) == ("2 GiB", "30 min", 2 * GIB)
+    assert boost_from_data(data) == boost
+    assert GridBoost.model_fields["memory"].title == "Memory"

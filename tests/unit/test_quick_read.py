@@ -33,3 +33,24 @@ def test_api_from_environment(env, expected):
 
 def test_an_unreachable_api_leaves_the_read_to_prefects_client():
     assert read_boosts(env={"PREFECT_API_URL": "http://127.0.0.1:9/api"}) is None  # port 9: discard, refused
+
+
+def test_the_cluster_name_comes_from_the_environment_or_is_left_to_prefects_settings(tmp_path):
+    from grid_flows.adapters.prefect.quick_read import cluster_from_environment
+
+    home = {"PREFECT_HOME": str(tmp_path / "home")}
+    assert cluster_from_environment(home, cwd=tmp_path) == "default"
+    assert cluster_from_environment({**home, "PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK": " lab "}, cwd=tmp_path) == "lab"
+    (tmp_path / "prefect.toml").write_text('[integrations.grid]\ncluster_block = "lab"\n')
+    assert cluster_from_environment(home, cwd=tmp_path) is None  # only Prefect's settings read the file
+    (tmp_path / "prefect.toml").unlink()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "profiles.toml").write_text('[profiles.x]\nPREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK = "lab"\n')
+    assert cluster_from_environment(home, cwd=tmp_path) is None
+
+
+def test_records_are_read_for_one_cluster_only():
+    from grid_flows.adapters.prefect.records import in_cluster
+
+    assert in_cluster({"cluster": "lab"}, "lab") and not in_cluster({"cluster": "lab"}, "default")
+    assert in_cluster({}, "default")  # written before clusters were named

@@ -17,9 +17,10 @@ from datetime import datetime
 from typing import Any, Optional
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from grid_flows.adapters.prefect.records import BOOST_HISTORY_SLUG, BOOST_SLUG
+from grid_flows.core.units import NO_VALUE, format_bytes, format_duration
 from grid_flows.core.models import (
     Boost,
     BoostState,
@@ -46,8 +47,17 @@ class GridCluster(Block):
     _description = "A Ray cluster of unequal machines: who lends what to whom (grid-flows)."
     _logo_url = None
 
+    # First, so the UI shows it on top: it shows a list (`nodes`) as one clipped JSON line,
+    # and a mapping wrapped over several lines.
+    summary: dict[str, str] = Field(default_factory=dict, title="Nodes at a glance",
+                                    description="One line per node, written from `nodes` on every save: edit `nodes`.")
     nodes: list[NodeSpec] = Field(..., description="The head and the workers, with what each lends.")
     resource_sharing: ClusterSharing = Field(default_factory=ClusterSharing, description="Cluster-wide policy.")
+
+    @model_validator(mode="after")
+    def _summarise(self) -> "GridCluster":
+        self.__dict__["summary"] = {node.name: node.describe() for node in self.nodes}  # derived: never validated again
+        return self
 
     @classmethod
     def from_spec(cls, spec: ClusterSpec) -> "GridCluster":
@@ -78,7 +88,9 @@ class GridBoost(Block):
     target: str = Field(..., title="Target (borrower)", description="Node whose flows borrow the capacity.")
     cpu: float = Field(0.0, title="CPU")
     gpu: float = Field(0.0, title="GPU")
-    memory_bytes: int = Field(0, title="Memory (bytes)", description="`grid boost status` shows it with units.")
+    memory_bytes: int = Field(0, title="Memory (bytes)")
+    memory: str = Field("", title="Memory", description="memory_bytes with units (written by grid-flows).")
+    duration: str = Field("", title="Duration", description="duration_seconds with units (written by grid-flows).")
     priority: Priority = Field(Priority.normal, title="Priority")
     state: BoostState = Field(BoostState.pending, title="State")
     created_at: datetime = Field(..., title="Requested at")
@@ -94,6 +106,7 @@ class GridBoost(Block):
                               description="Who asked: the flow run, or user@host for the CLI and Python API.")
     preempted_by: str = Field("", title="Being preempted by",
                               description="While active: the boost whose preemption of this one is under way.")
+    cluster: str = Field("default", title="Cluster", description="The GridCluster block this boost belongs to.")
 
     @classmethod
     def from_boost(cls, boost: Boost) -> "GridBoost":
@@ -103,6 +116,8 @@ class GridBoost(Block):
             cpu=boost.resources.cpu,
             gpu=boost.resources.gpu,
             memory_bytes=boost.resources.memory,
+            memory=format_bytes(boost.resources.memory) if boost.resources.memory else NO_VALUE,
+            duration=format_duration(boost.duration_seconds),
             **data,
         )
 

@@ -3,8 +3,8 @@
 Why hand-written: importing Prefect's client costs 1-1.5 s of CPU, most of a status call's
 2 s budget on a small machine. This read needs only httpx, and is tried only when
 ``PREFECT_API_URL`` is in the environment (where it wins over every other settings source).
-Anything it does not handle (no such variable, TLS or header settings, a refusal, an error)
-returns None, and the caller reads through Prefect's client as before: it is a shortcut,
+Anything it does not handle (no such variable, TLS or header settings, a cluster name set in a
+settings file, a refusal, an error) returns None, and the caller reads through Prefect's client as before: it is a shortcut,
 never a second behaviour.
 
 Example:
@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import base64
 import os
+from pathlib import Path
 from typing import Optional
 
-from grid_flows.adapters.prefect.records import BOOST_HISTORY_SLUG, BOOST_SLUG, PAGE, boost_from_data, documents_page
+from grid_flows.adapters.prefect.records import (
+    BOOST_HISTORY_SLUG, BOOST_SLUG, PAGE, boost_from_data, documents_page, in_cluster,
+)
 from grid_flows.core.models import Boost
 
 TIMEOUT_SECONDS = 5.0
@@ -44,26 +47,51 @@ def api_from_environment(env: Optional[dict] = None) -> Optional[tuple[str, dict
     return url, headers
 
 
+CLUSTER_VARIABLE = "PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK"
+
+
+def cluster_from_environment(env: Optional[dict] = None, cwd: Optional[Path] = None) -> Optional[str]:
+    """The cluster (GridCluster block) name GridSettings would give, or None when a settings
+    file (prefect.toml, pyproject.toml, .env, the Prefect profiles) may set it: only the full
+    settings machinery reads those."""
+    env = os.environ if env is None else env
+    if env.get(CLUSTER_VARIABLE, "").strip():
+        return env[CLUSTER_VARIABLE].strip()
+    cwd = cwd or Path.cwd()
+    home = Path(env.get("PREFECT_HOME") or Path.home() / ".prefect")
+    files = [cwd / "prefect.toml", cwd / "pyproject.toml", cwd / ".env",
+             Path(env.get("PREFECT_PROFILES_PATH") or home / "profiles.toml")]
+    for file in files:
+        try:
+            text = file.read_text(errors="replace").lower()
+        except OSError:
+            continue
+        if "cluster_block" in text:
+            return None
+    return "default"
+
+
 def read_boosts(include_ended: bool = False, env: Optional[dict] = None) -> Optional[list[Boost]]:
-    """Live boosts (or every boost), newest first, as ``BoostStore.list`` returns them; None
-    when this read cannot answer and Prefect's client must."""
+    """Live boosts (or every boost) of this process's cluster, newest first, as
+    ``BoostStore.list`` returns them; None when this read cannot answer and Prefect's client must."""
     api = api_from_environment(env)
-    if api is None:
+    cluster = cluster_from_environment(env)
+    if api is None or cluster is None:
         return None
     import httpx
 
     url, headers = api
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=TIMEOUT_SECONDS) as client:
-            boosts = {b.id: b for b in _read_type(client, BOOST_SLUG)}
+            boosts = {b.id: b for b in _read_type(client, BOOST_SLUG, cluster)}
             if include_ended:
-                boosts.update((b.id, b) for b in _read_type(client, BOOST_HISTORY_SLUG))  # history wins
+                boosts.update((b.id, b) for b in _read_type(client, BOOST_HISTORY_SLUG, cluster))  # history wins
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return None  # the full client reads again, and reports what is wrong
     return sorted(boosts.values(), key=lambda b: b.created_at, reverse=True)
 
 
-def _read_type(client, slug: str) -> list[Boost]:
+def _read_type(client, slug: str, cluster: str) -> list[Boost]:
     """Every document of one block type, paged by name (the route BoostStore uses)."""
     found = client.get(f"/block_types/slug/{slug}")
     if found.status_code == 404:
@@ -77,6 +105,7 @@ def _read_type(client, slug: str) -> list[Boost]:
         response.raise_for_status()
         page = response.json()
         offset += len(page)
-        boosts.extend(boost_from_data(doc["data"]) for doc in page if doc.get("data", {}).get("boost_id"))
+        boosts.extend(boost_from_data(doc["data"]) for doc in page
+                      if doc.get("data", {}).get("boost_id") and in_cluster(doc["data"], cluster))
         if len(page) < PAGE:
             return boosts

@@ -29,13 +29,23 @@ def documents_page(type_id: str, offset: int) -> dict:
             "sort": "NAME_ASC", "offset": offset, "limit": PAGE, "include_secrets": False}
 
 
+# The document's own names for the resources, and display copies with units (GridBoost).
+_NOT_BOOST_FIELDS = frozenset({"boost_id", "cpu", "gpu", "memory_bytes", "memory", "duration"})
+
+
 def boost_from_data(data: dict) -> Boost:
     """A Boost from a GridBoost document's data (as read from the API)."""
     return Boost(
         id=data["boost_id"],
         resources=Resources(cpu=data.get("cpu", 0), gpu=data.get("gpu", 0), memory=data.get("memory_bytes", 0)),
-        **{k: v for k, v in data.items() if k not in {"boost_id", "cpu", "gpu", "memory_bytes"}},
+        **{k: v for k, v in data.items() if k not in _NOT_BOOST_FIELDS},
     )
+
+
+def in_cluster(data: dict, cluster: str) -> bool:
+    """Whether a GridBoost document's data belongs to ``cluster`` (unnamed: written before
+    clusters were named, by the only cluster there was, ``default``)."""
+    return data.get("cluster", "default") == cluster
 
 
 def boost_document_name(boost_id: str) -> str:

@@ -32,15 +32,15 @@ from prefect.client.schemas.actions import BlockDocumentCreate, BlockDocumentUpd
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from grid_flows.adapters.prefect.blocks import GridBoost, GridBoostHistory, GridCluster
-from grid_flows.adapters.prefect.records import PAGE, boost_document_name, boost_from_data, documents_page
+from grid_flows.adapters.prefect.records import PAGE, boost_document_name, boost_from_data, documents_page, in_cluster
 from grid_flows.core.models import Boost, ClusterSpec, Resources, utcnow
 from grid_flows.errors import GridError, InvalidRequest, UnknownBoost
 from grid_flows.adapters.prefect.settings import GridSettings
 from grid_flows.adapters.prefect.transport import GridTransport
-from grid_flows.core.units import format_amount, format_bytes, format_duration
+from grid_flows.core.units import NO_VALUE, format_amount, format_bytes, format_duration
 from grid_flows.errors import ClusterNotConfigured
 
-BOOSTS_ARTIFACT_KEY = "grid-boosts"
+BOOSTS_ARTIFACT_KEY = "grid-boosts"  # the default cluster's; another's is boosts_artifact_key(name)
 PLACEMENTS_ARTIFACT_KEY = "grid-placements"  # one version per flow run, attached to it: a row per task run
 MIN_PREFIX = 4  # shortest boost id prefix accepted by release/extend
 BOOST_ID_LENGTH = 32  # uuid4().hex
@@ -115,7 +115,9 @@ def _document_data(block_cls: type, boost: Boost) -> dict:
 class BoostStore:
     """Durable boost records in Prefect; use as a context manager to reuse one API client."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster: str | None = None) -> None:
+        # The GridCluster block whose records this store reads and writes; others' are invisible.
+        self.cluster = cluster or GridSettings().cluster_block
         self._client_cm = None
         self._client = None
         self._doc_ids: dict[str, UUID] = {}
@@ -147,6 +149,8 @@ class BoostStore:
 
     def create(self, boost: Boost) -> None:
         """Write a new live record; fails if a record with this id exists (atomic by name)."""
+        if boost.cluster != self.cluster:
+            raise GridError(f"boost {boost.id} belongs to cluster '{boost.cluster}', not '{self.cluster}'")
         try:
             self._create(GridBoost, boost)
         except ObjectAlreadyExists:
@@ -193,17 +197,25 @@ class BoostStore:
         self._doc_ids.pop(boost_id, None)
 
     def get(self, boost_id: str) -> Boost:
-        """The record of a boost, live or ended."""
+        """The record of a boost of this cluster, live or ended."""
         with contextlib.suppress(ObjectNotFound):
-            return boost_from_data(self._history_doc(boost_id).data)
+            return self._mine(boost_from_data(self._history_doc(boost_id).data))
         try:
             doc = self.client.read_block_document_by_name(
                 name=boost_document_name(boost_id), block_type_slug=GridBoost.get_block_type_slug()
             )
         except ObjectNotFound:
             raise UnknownBoost(f"unknown boost '{boost_id}'") from None
+        boost = self._mine(boost_from_data(doc.data))
         self._doc_ids[boost_id] = doc.id
-        return boost_from_data(doc.data)
+        return boost
+
+    def _mine(self, boost: Boost) -> Boost:
+        if boost.cluster != self.cluster:
+            raise UnknownBoost(
+                f"boost '{boost.id}' belongs to cluster '{boost.cluster}', not to '{self.cluster}' "
+                "(PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK names the cluster)")
+        return boost
 
     def _history_doc(self, boost_id: str):
         return self.client.read_block_document_by_name(
@@ -214,7 +226,7 @@ class BoostStore:
         """Live boost records (or every record), newest first."""
         live = {}
         for doc in self._all_docs(GridBoost):
-            if doc.data.get("boost_id"):
+            if doc.data.get("boost_id") and in_cluster(doc.data, self.cluster):
                 self._doc_ids[doc.data["boost_id"]] = doc.id
                 live[doc.data["boost_id"]] = boost_from_data(doc.data)
         boosts = dict(live)
@@ -240,7 +252,7 @@ class BoostStore:
         """Every ended record (bounded by the retention rule that reconcile applies)."""
         ended: dict[str, Boost] = {}  # by id: a page read while records end may repeat one
         for doc in self._all_docs(GridBoostHistory):
-            if doc.data.get("boost_id"):
+            if doc.data.get("boost_id") and in_cluster(doc.data, self.cluster):
                 self._history_ids[doc.data["boost_id"]] = doc.id
                 ended[doc.data["boost_id"]] = boost_from_data(doc.data)
         return list(ended.values())
@@ -307,7 +319,7 @@ class BoostStore:
         try:
             self._publish_boosts_table(self.list() if boosts is None else boosts, now or utcnow())
         except Exception as exc:
-            logger.warning("could not update the %s artifact: %s", BOOSTS_ARTIFACT_KEY, exc)
+            logger.warning("could not update the %s artifact: %s", boosts_artifact_key(self.cluster), exc)
 
     def _publish_boosts_table(self, boosts: Iterable[Boost], now: datetime) -> None:
         from prefect.client.schemas.actions import ArtifactCreate
@@ -322,9 +334,10 @@ class BoostStore:
         self.client.create_artifact(
             ArtifactCreate(
                 type="table",
-                key=BOOSTS_ARTIFACT_KEY,
+                key=boosts_artifact_key(self.cluster),
                 data=json.dumps(rows),
-                description=f"Live grid-flows boosts at {now:%Y-%m-%d %H:%M:%S} UTC. Lent in total: {_totals(live)}. "
+                description=f"Live grid-flows boosts of cluster {self.cluster} at {now:%Y-%m-%d %H:%M:%S} UTC. "
+                f"Lent in total: {_totals(live)}. "
                 "A boost runs its tasks on the source node, inside a Ray placement group.",
                 task_run_id=task_run_id,
                 flow_run_id=flow_run_id,
@@ -356,6 +369,7 @@ class BoostStore:
                     "grid.source": boost.source,
                     "grid.target": boost.target,
                     "grid.priority": boost.priority.value,
+                    "grid.cluster": boost.cluster,
                 },
                 related=related,
                 payload={
@@ -376,7 +390,7 @@ class BoostStore:
     # -- the cluster definition --------------------------------------------------------
 
     def load_cluster(self, name: str | None = None) -> ClusterSpec:
-        name = name or GridSettings().cluster_block
+        name = name or self.cluster
         try:
             doc = self.client.read_block_document_by_name(
                 name=name, block_type_slug=GridCluster.get_block_type_slug()
@@ -400,6 +414,11 @@ class BoostStore:
 CLUSTER_SAVED_LISTENERS: list = []
 
 
+def boosts_artifact_key(cluster: str) -> str:
+    """The ``grid-boosts`` table's key: one table per cluster on a shared server."""
+    return BOOSTS_ARTIFACT_KEY if cluster == "default" else f"{BOOSTS_ARTIFACT_KEY}-{cluster}"
+
+
 def _in_grid_flow_run() -> bool:
     from prefect.context import FlowRunContext
 
@@ -410,7 +429,7 @@ def _in_grid_flow_run() -> bool:
 def boost_row(boost: Boost, now: datetime) -> dict[str, str]:
     """One human-readable table row: units, no JSON."""
     r = boost.resources
-    none = "—"  # not "-": the Prefect UI renders a lone "-" as a list bullet
+    none = NO_VALUE
     # State and time first, the short id after: at 1280 px a 32-character id pushed them off.
     overdue = boost.is_overdue(now)
     return {
