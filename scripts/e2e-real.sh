@@ -206,7 +206,10 @@ export GRID_FLOWS_ROOT="$REPO"
 "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml >"$WORK/deploy.log" 2>&1 \
     || { tail -n 30 "$WORK/deploy.log"; exit 1; }
 grep -E "Deployment '.*' successfully created" "$WORK/deploy.log" | sed 's/^/  /' || true
-"$BIN/prefect" worker start --pool grid-pool --name e2e-worker >>"$WORK/worker.log" 2>&1 &
+# A background job of a non-interactive shell starts with SIGINT ignored, and Prefect's worker
+# turns its first TERM into a SIGINT to itself: restore SIGINT so that first TERM stops it
+# gracefully (it finishes the flow runs it started), instead of needing a second one (SIGKILL).
+( trap - INT; exec "$BIN/prefect" worker start --pool grid-pool --name e2e-worker >>"$WORK/worker.log" 2>&1 ) &
 WORKER_PID="$!" && DIRECT_PIDS+=("$WORKER_PID")
 log "worker started (pid $WORKER_PID)"
 
@@ -236,14 +239,23 @@ step "6 prefect server restart with a live boost"
 "$BIN/grid" boost request gpu-master --cpu 1 --source gpu2 --duration 20m --json >"$WORK/live-boost.json"
 LIVE_ID="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/live-boost.json")"
 log "live boost $LIVE_ID (gpu2 -> gpu-master, 1 CPU)"
+# Grants keep coming while the server is away: each either fails clearly or is durable.
+"$PY" scripts/e2e_verify.py grant-loop --until "$WORK/server-back" --out "$WORK/grants.json" >"$WORK/grant-loop.log" 2>&1 &
+GRANT_LOOP_PID=$! && DIRECT_PIDS+=("$GRANT_LOOP_PID")
+sleep 8  # grants before the restart
+DOWN_AT="$(date +%s.%N)"
 kill -TERM "$SERVER_PID"
 for _ in $(seq 1 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
 kill -0 "$SERVER_PID" 2>/dev/null && { log "server did not stop on TERM"; exit 1; }
 log "server stopped"
 sleep 3
 start_server
+UP_AT="$(date +%s.%N)" && touch "$WORK/server-back"
 "$BIN/grid" boost status --json >"$WORK/status-after-restart.json"
 "$PY" scripts/e2e_verify.py active "$LIVE_ID" --status "$WORK/status-after-restart.json"
+STEP="6 grants during the restart: refused clearly or durable"
+wait "$GRANT_LOOP_PID" || { cat "$WORK/grant-loop.log"; exit 1; }
+"$PY" scripts/e2e_verify.py grants-durable --grants "$WORK/grants.json" --down "$DOWN_AT" --up "$UP_AT"
 
 # ---------------------------------------------------------------------------------------
 step "7 browser check of the Prefect UI"

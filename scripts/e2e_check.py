@@ -1,9 +1,10 @@
 """Browser check of the Prefect UI for scripts/e2e-real.sh (Playwright + Debian's Chromium).
 
-Opens the `grid-boosts` artifact page (found through the API: artifact key -> UI
-/artifacts/key/grid-boosts) while a boost is live, and the boosted example's flow run
-page (logs and artifacts tabs). Asserts the boosts' id, source, target and resources
-appear, and saves full-page screenshots under --out.
+Opens, in turn: the `grid-boosts` artifact while a boost is live; the boosted example's
+flow run (logs, artifacts tab, placements table); the Blocks page and the GridCluster
+block; the Deployments page; the Event Feed filtered to the example's boost. Each check
+fails when its content is missing, and each page is saved as a full-page screenshot
+(and its text) under --out.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ CHROMIUM_ARGS = [
 
 class CheckFailed(Exception):
     pass
+
+
+async def cluster_block_url(ui: str) -> str:
+    """The UI address of the GridCluster block document ``default``."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        doc = await client.read_block_document_by_name("default", "grid-cluster")
+    return f"{ui}/blocks/block/{doc.id}"
 
 
 async def artifact_url(ui: str, key: str, flow_run: str | None = None) -> str:
@@ -50,17 +60,18 @@ async def artifact_url(ui: str, key: str, flow_run: str | None = None) -> str:
     return f"{ui}/artifacts/artifact/{latest}"
 
 
-def wait_for_texts(page, texts: list[str], timeout_s: float, what: str) -> str:
+def wait_for_texts(page, texts: list[str], timeout_s: float, what: str, line: str | None = None) -> str:
+    """The page's text once it shows every one of ``texts`` (and ``line`` as a whole line, if given)."""
     import time
 
     deadline = time.monotonic() + timeout_s
     body = ""
     while time.monotonic() < deadline:
         body = page.inner_text("body")
-        if all(t in body for t in texts):
+        if all(t in body for t in texts) and (line is None or line in body.splitlines()):
             return body
         page.wait_for_timeout(500)
-    missing = [t for t in texts if t not in body]
+    missing = [t for t in texts if t not in body] + ([line] if line and line not in body.splitlines() else [])
     raise CheckFailed(f"{what}: not shown in the UI: {missing}")
 
 
@@ -92,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         url = asyncio.run(artifact_url(args.ui, "grid-boosts"))
         # Before Playwright starts: its sync API runs an event loop of its own in this thread.
         placements_url = asyncio.run(artifact_url(args.ui, "grid-placements", args.flow_run))
+        cluster_block_url_ = asyncio.run(cluster_block_url(args.ui))
         with sync_playwright() as pw:
             ctx = pw.chromium.launch_persistent_context(
                 profile, executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS,
@@ -149,6 +161,52 @@ def main(argv: list[str] | None = None) -> int:
             except CheckFailed as exc:
                 failures.append(str(exc))
             save_page(page, out, "placements-artifact")
+
+            def check(name: str, url: str, texts: list[str], what: str, said: str) -> None:
+                page.goto(url, wait_until="networkidle", timeout=60_000)
+                try:
+                    wait_for_texts(page, texts, 45, what)
+                    print(f"  {said}")
+                except CheckFailed as exc:
+                    failures.append(str(exc))
+                save_page(page, out, name)
+
+            # 5. Blocks: the cluster definition and the boost records, by type. The page lists ten
+            # documents at a time by name (many boost records come before "default"): search it.
+            def blocks(name: str, search: str, texts: list[str], said: str, absent: str = "",
+                       count: str = "1 Block") -> None:
+                page.goto(f"{args.ui}/blocks", wait_until="networkidle", timeout=60_000)
+                try:
+                    page.get_by_placeholder("Search blocks").last.fill(search, timeout=30_000)
+                    body = wait_for_texts(page, texts, 45, f"Blocks page searched for {search!r}", line=count)
+                    if absent and absent in body:
+                        raise CheckFailed(f"Blocks page searched for {search!r}: shows {absent!r}")
+                    print(f"  {said}")
+                except CheckFailed as exc:
+                    failures.append(str(exc))
+                except Exception as exc:  # no search box: the page changed
+                    failures.append(f"Blocks page: could not search it: {type(exc).__name__}: {exc}")
+                save_page(page, out, name)
+
+            blocks("blocks", "default", ["Grid Cluster", "Grid Metrics History"],
+                   "Blocks page lists the GridCluster and metrics blocks", count="2 Blocks")
+            blocks("blocks-live-boost", live["id"], [f"boost-{live['id']}", "Grid Boost"],
+                   "Blocks page lists the live boost's Grid Boost record", absent="Grid Boost History")
+            blocks("blocks-ended-boost", ex_boost["id"], [f"boost-{ex_boost['id']}", "Grid Boost History"],
+                   "Blocks page lists the example's ended boost as Grid Boost History")
+            # 6. The GridCluster block: its nodes as readable lines, not one JSON line.
+            check("grid-cluster-block", cluster_block_url_, ["Nodes at a glance",
+                                                             "gpu1: worker, 4 CPU, 1 GPU, 8 GiB; lends 2 CPU, 1 GPU, 4 GiB"],
+                  "GridCluster block", "GridCluster block shows one readable line per node")
+            # 7. Deployments: the four maintenance deployments, with their schedules.
+            check("deployments", f"{args.ui}/deployments",
+                  ["grid-expire", "grid-reconcile", "grid-rebalance", "grid-cluster-status", "Every 30 seconds",
+                   "Every 5 minutes", "Every minute"],
+                  "Deployments page", "Deployments page lists the four maintenance deployments and their schedules")
+            # 8. The Event Feed, filtered to the example's boost: granted, then released.
+            check("event-feed", f"{args.ui}/events?resource=grid.boost.{ex_boost['id']}",
+                  ["grid.boost.granted", "grid.boost.released"], "Event Feed",
+                  f"Event Feed shows grid.boost.granted and grid.boost.released for boost {ex_boost['id'][:8]}")
             ctx.close()
     except CheckFailed as exc:
         failures.append(str(exc))

@@ -12,6 +12,11 @@ Each subcommand prints what it saw and exits non-zero with a one-line reason on 
     automation-fired --boost ID --since EPOCH [--timeout S]
                                            boost ID ended lost, and the Automation on grid.boost.lost
                                            ran grid-reconcile (a run created by it, after EPOCH)
+    grant-loop --until FILE --out FILE     request and release 1 CPU from gpu1 over and over (while the
+                                           server restarts) until 10 s after FILE exists; outcomes to --out
+    grants-durable --grants FILE --down EPOCH --up EPOCH
+                                           every acknowledged grant has its record; every refusal was a
+                                           clear grid-flows error; grants succeeded before and after the restart
     active ID --status FILE                boost ID is listed active
     released-id ID --status FILE           boost ID is released
 """
@@ -279,6 +284,79 @@ async def _automation_fired(boost_id: str, since: float, timeout: float) -> None
           else "  it completed")
 
 
+def grant_loop(until: str, out: str) -> None:
+    """Request and release 1 CPU from gpu1 until 10 s after the file ``until`` appears (at
+    most 5 minutes); write each outcome (and when it was acknowledged or refused) to ``out``.
+    Boosts whose release failed are released at the end, once the server answers again."""
+    import os
+
+    from grid_flows import release_boost, request_boost
+    from grid_flows.errors import GridError
+
+    outcomes: list[dict] = []
+    unreleased: list[str] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if os.path.exists(until):
+            deadline = min(deadline, os.path.getmtime(until) - time.time() + time.monotonic() + 10)
+        asked = time.time()
+        try:
+            boost = request_boost("gpu-master", cpu=1, source="gpu1", duration="2m")
+            outcomes.append({"asked": asked, "at": time.time(), "granted": boost.id})
+        except Exception as exc:  # recorded, judged by grants-durable
+            outcomes.append({"asked": asked, "at": time.time(), "refused": f"{type(exc).__name__}: {exc}",
+                             "clear": isinstance(exc, GridError)})
+            continue
+        outcomes[-1]["release_asked"] = time.time()
+        try:
+            release_boost(boost.id)
+        except Exception as exc:
+            outcomes[-1]["release_failed"] = f"{type(exc).__name__}: {exc}"
+            unreleased.append(boost.id)
+        outcomes[-1]["released_at"] = time.time()
+    for boost_id in unreleased:
+        for _ in range(30):
+            try:
+                release_boost(boost_id)
+                break
+            except Exception:
+                time.sleep(1)  # the server is still coming back
+    with open(out, "w") as f:
+        json.dump(outcomes, f)
+    print(f"  {sum('granted' in o for o in outcomes)} grants, {sum('refused' in o for o in outcomes)} refusals")
+
+
+def grants_durable(grants: str, down: float, up: float) -> None:
+    from grid_flows import list_boosts
+
+    outcomes = json.load(open(grants))
+    granted = [o for o in outcomes if "granted" in o]
+    records = {b.id: b for b in list_boosts(include_ended=True)}
+    missing = [o["granted"] for o in granted if o["granted"] not in records]
+    check(not missing, f"{len(missing)} acknowledged grants have no record after the restart: {missing[:3]}")
+    live = [o["granted"] for o in granted if not records[o["granted"]].state.ended]
+    check(not live, f"{len(live)} grants of the loop are still live after it released them: {live[:3]}")
+    unclear = [o["refused"] for o in outcomes if "refused" in o and not o["clear"]]
+    check(not unclear, f"{len(unclear)} refusals were not grid-flows errors, e.g. {unclear[:1]}")
+    before = [o for o in granted if o["at"] < down]
+    after = [o for o in granted if o["asked"] > up]
+    check(bool(before) and bool(after),
+          f"the loop did not span the restart: {len(before)} grants before it, {len(after)} after")
+    during = [o for o in outcomes if o["asked"] < up and o["at"] > down]
+    releases = [o for o in granted if "release_asked" in o and o["release_asked"] < up and o["released_at"] > down]
+    refusals = sorted({o["refused"].split(":")[0] for o in during if "refused" in o})
+    print(f"  {len(granted)} grants, every one recorded and released ({len(before)} before the server stopped, "
+          f"{len(after)} after it was back); {len(during)} requests overlapped the restart: "
+          f"{sum('granted' in o for o in during)} granted, {sum('refused' in o for o in during)} refused "
+          f"({', '.join(refusals) or 'none'}); {len(releases)} releases overlapped it "
+          f"({sum('release_failed' in o for o in releases)} failed and were released again after)")
+    for o in releases[:2]:
+        print(f"    a release waited {o['released_at'] - o['release_asked']:.1f} s"
+              + (f", failed: {o['release_failed'][:160]}" if "release_failed" in o else ", then succeeded"))
+    for o in [o for o in during if "refused" in o][:2]:
+        print(f"    refused: {o['refused'][:160]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -291,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", type=float, required=True); p.add_argument("--timeout", type=float, default=45)
     p = sub.add_parser("lender-busy"); p.add_argument("busy"); p.add_argument("calm"); p.add_argument("--boost", required=True)
     p.add_argument("--timeout", type=float, default=180)
+    p = sub.add_parser("grant-loop"); p.add_argument("--until", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("grants-durable"); p.add_argument("--grants", required=True)
+    p.add_argument("--down", type=float, required=True); p.add_argument("--up", type=float, required=True)
     for name in ("active", "released-id"):
         p = sub.add_parser(name); p.add_argument("boost_id"); p.add_argument("--status", required=True)
     args = parser.parse_args(argv)
@@ -309,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_automation_fired(args.boost, args.since, args.timeout))
         elif args.cmd == "lender-busy":
             asyncio.run(_lender_busy(args.busy, args.calm, args.boost, args.timeout))
+        elif args.cmd == "grant-loop":
+            grant_loop(args.until, args.out)
+        elif args.cmd == "grants-durable":
+            grants_durable(args.grants, args.down, args.up)
         elif args.cmd == "active":
             active(args.boost_id, args.status)
         elif args.cmd == "released-id":

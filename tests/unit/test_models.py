@@ -808,11 +808,11 @@ def test_the_cluster_block_summary_follows_its_nodes_whatever_it_was_given():
 
     spec = load_cluster_file(CLUSTER_YAML)
     block = GridCluster.from_spec(spec)
-    assert block.summary == {n.name: n.describe() for n in spec.nodes}
+    assert block.summary.split(" · ") == [f"{n.name}: {n.describe()}" for n in spec.nodes]
     assert list(GridCluster.model_fields)[0] == "summary"  # the UI shows fields in this order
-    stale = {**block.model_dump(mode="json"), "summary": {"gpu9": "edited by hand"}}
+    stale = {**block.model_dump(mode="json"), "summary": "edited by hand"}
     stale["nodes"] = stale["nodes"][:2]
-    assert GridCluster.model_validate(stale).summary == {n.name: n.describe() for n in spec.nodes[:2]}
+    assert GridCluster.model_validate(stale).summary == " · ".join(f"{n.name}: {n.describe()}" for n in spec.nodes[:2])
 
 
 def test_a_boost_record_shows_memory_and_duration_with_units_and_reads_back_the_same():

@@ -31,6 +31,9 @@ from grid_flows.core.models import (
 )
 
 
+SUMMARY_SEPARATOR = " · "
+
+
 class GridCluster(Block):
     """The grid-flows cluster definition: nodes, what each lends, and the sharing policy.
 
@@ -47,16 +50,17 @@ class GridCluster(Block):
     _description = "A Ray cluster of unequal machines: who lends what to whom (grid-flows)."
     _logo_url = None
 
-    # First, so the UI shows it on top: it shows a list (`nodes`) as one clipped JSON line,
-    # and a mapping wrapped over several lines.
-    summary: dict[str, str] = Field(default_factory=dict, title="Nodes at a glance",
-                                    description="One line per node, written from `nodes` on every save: edit `nodes`.")
+    # First, so the UI shows it on top. The UI shows a list or a mapping (`nodes`) as one clipped
+    # JSON line, and a string wrapped (newlines collapsed): so one string, nodes joined by " · ".
+    summary: str = Field("", title="Nodes at a glance",
+                         description="Each node in a few words, written from `nodes` on every save: edit `nodes`.")
     nodes: list[NodeSpec] = Field(..., description="The head and the workers, with what each lends.")
     resource_sharing: ClusterSharing = Field(default_factory=ClusterSharing, description="Cluster-wide policy.")
 
     @model_validator(mode="after")
     def _summarise(self) -> "GridCluster":
-        self.__dict__["summary"] = {node.name: node.describe() for node in self.nodes}  # derived: never validated again
+        # Derived, so never validated again.
+        self.__dict__["summary"] = SUMMARY_SEPARATOR.join(f"{node.name}: {node.describe()}" for node in self.nodes)
         return self
 
     @classmethod
