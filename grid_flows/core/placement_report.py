@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
+from grid_flows.core.units import NO_VALUE
+
 ROW_LIMIT = 200  # rows the table shows; a table artifact of thousands of rows is unreadable in the UI
 COLUMNS = ("Task", "Task run", "Decision", "Node", "Boost", "Queue wait", "Pressure", "Reason")
 
@@ -65,8 +67,8 @@ class PlacementReport:
     def rows(self) -> list[dict[str, str]]:
         """The table: one row per kept task run, then an "and N more" row when some were left out."""
         table = [{
-            "Task": p.task, "Task run": p.task_run, "Decision": p.decision, "Node": p.node, "Boost": p.boost or "–",
-            "Queue wait": f"{p.queue_wait_seconds:.2f} s", "Pressure": "–" if p.pressure is None else f"{p.pressure:.2f}",
+            "Task": p.task, "Task run": p.task_run, "Decision": p.decision, "Node": p.node, "Boost": p.boost or NO_VALUE,
+            "Queue wait": f"{p.queue_wait_seconds:.2f} s", "Pressure": NO_VALUE if p.pressure is None else f"{p.pressure:.2f}",
             "Reason": p.reason,
         } for p in self._rows]
         left_out = self.total - len(self._rows)

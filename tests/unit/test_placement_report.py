@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from grid_flows.core.placement_report import COLUMNS, Placed, PlacementReport
+from grid_flows.core.units import NO_VALUE
 
 
 def _placed(i: int, decision: str = "target", node: str = "gpu-master", boost: str = "") -> Placed:
@@ -37,7 +38,7 @@ def test_a_row_shows_the_decision_the_boost_the_wait_and_the_pressure():
     boosted, plain = report.rows()
     assert boosted == {"Task": "square-1", "Task run": "00000001", "Decision": "boost", "Node": "gpu1",
                        "Boost": "3f2a9c1b", "Queue wait": "0.25 s", "Pressure": "0.50", "Reason": "reason 1"}
-    assert (plain["Boost"], plain["Pressure"]) == ("–", "–")
+    assert (plain["Boost"], plain["Pressure"]) == (NO_VALUE, NO_VALUE)
 
 
 def test_the_summary_counts_every_task_run_per_node_and_per_decision():
