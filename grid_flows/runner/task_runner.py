@@ -730,12 +730,17 @@ class BoostRayTaskRunner(RayTaskRunner):
                     crashed, self._crashed_runs = self._crashed_runs, []
                     to_cancel, self._to_cancel = self._to_cancel, []
                     idle = self._state.idle
+                    # An expired boost nothing runs in any more is ended now, not at the next refresh:
+                    # the flow may finish (and release it) within that second.
+                    due = any((use := self._state.boosts.get(b.boost.id)) is not None and use.count == 0
+                              and use.why_unusable == "expired" and not b.ended_here
+                              for b in self._bindings.values())
                 for run_id, message in crashed:
                     _mark_crashed(store, run_id, message)
                 _cancel(to_cancel)
                 if idle and time.monotonic() - self._published_at >= _PUBLISH_EVERY_SECONDS:
                     self.publish_placements()
-                if time.monotonic() - last_refresh > _REFRESH_SECONDS:
+                if due or time.monotonic() - last_refresh > _REFRESH_SECONDS:
                     last_refresh = time.monotonic()
                     try:
                         self._refresh(store)
