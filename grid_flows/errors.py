@@ -33,6 +33,10 @@ class UnknownBoost(InvalidRequest):
     """A boost id (or prefix) that matches no record."""
 
 
+class ForeignBoost(UnknownBoost):
+    """A boost whose record belongs to another cluster (another GridCluster block name)."""
+
+
 class BoostsDisabled(InvalidRequest):
     """The cluster's sharing settings grant no boosts (sharing disabled, or mode offload_only)."""
 

@@ -62,13 +62,18 @@ SEED_RESOURCES = ("cpu", "gpu", "memory")
 @blocks_app.command("apply")
 def blocks_apply(
     file: Path = typer.Argument(..., help="Cluster definition, e.g. blocks/cluster.yaml."),
-    name: str = typer.Option("default", "--name", help="Name of the GridCluster block document."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the GridCluster block document "
+                                      "(default: PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK, else default)."),
 ) -> None:
     """Validate a cluster file and save it as a GridCluster block (nothing is saved on error)."""
     from grid_flows.core.cluster_file import load_cluster_file
     from grid_flows.adapters.prefect.store import BoostStore
 
     spec = load_cluster_file(file)
+    if name is None:
+        from grid_flows.adapters.prefect.settings import GridSettings
+
+        name = GridSettings().cluster_block
     _check_block_name(name)
     with BoostStore() as store:
         store.save_cluster(spec, name)

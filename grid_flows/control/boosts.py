@@ -37,7 +37,7 @@ from grid_flows.core.ledger import Event
 from grid_flows.core.models import (
     Boost, BoostState, ClusterSpec, NodeSpec, Priority, Resources, SharingMode, utcnow,
 )
-from grid_flows.errors import BoostsDisabled, GridError, InvalidRequest, NoCapacity, UnknownBoost
+from grid_flows.errors import BoostsDisabled, ForeignBoost, GridError, InvalidRequest, NoCapacity, UnknownBoost
 from grid_flows.adapters.prefect.settings import GridSettings
 from grid_flows.adapters.prefect import store as store_module
 from grid_flows.adapters.prefect.store import BoostStore
@@ -551,7 +551,7 @@ def _await_ray_view(spec: ClusterSpec, target: str, source: str | None, resource
     groups, so this wait is short and happens only on the refusal path."""
     deadline = time.monotonic() + RAY_VIEW_CATCHUP_SECONDS
     while _lagging_lenders(spec, target, source, resources, nodes, lent) and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling Ray's view of the node, bounded by the deadline
+        time.sleep(0.2)  # polling Ray's view of the node (a remote task over ray://), bounded by the deadline
         nodes = rc.grid_nodes()
         candidates = _candidates(spec, target, source, resources, nodes, lent)
         if candidates:
@@ -857,6 +857,11 @@ def _still_orphan(store: BoostStore, group_name: str) -> bool:
         return True
     try:
         return store.get(boost_id).state.ended
+    except ForeignBoost as exc:
+        # Another cluster's record names this group: a machine of this Ray cluster is set to
+        # another cluster name (or records from before names). Never remove it: say so.
+        logger.warning("placement group %s is not this cluster's to judge: %s", group_name, exc)
+        return False
     except UnknownBoost:
         return True
 

@@ -39,7 +39,7 @@ def test_exit_code_of_each_error(error, code):
 
 def test_every_error_class_is_a_grid_error_defined_in_errors_and_has_no_exit_code():
     classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
-    assert len(classes) == 18
+    assert len(classes) == 19
     for cls in classes:
         assert issubclass(cls, errors.GridError)
         assert not hasattr(cls, "exit_code"), f"{cls.__name__}: exit codes belong to the CLI"

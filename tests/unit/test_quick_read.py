@@ -40,7 +40,10 @@ def test_the_cluster_name_comes_from_the_environment_or_is_left_to_prefects_sett
 
     home = {"PREFECT_HOME": str(tmp_path / "home")}
     assert cluster_from_environment(home, cwd=tmp_path) == "default"
-    assert cluster_from_environment({**home, "PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK": " lab "}, cwd=tmp_path) == "lab"
+    assert cluster_from_environment({**home, "PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK": "lab"}, cwd=tmp_path) == "lab"
+    # What pydantic's settings would read differently (spaces, another case): left to them.
+    assert cluster_from_environment({**home, "PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK": " lab "}, cwd=tmp_path) is None
+    assert cluster_from_environment({**home, "prefect_integrations_grid_cluster_block": "lab"}, cwd=tmp_path) is None
     (tmp_path / "prefect.toml").write_text('[integrations.grid]\ncluster_block = "lab"\n')
     assert cluster_from_environment(home, cwd=tmp_path) is None  # only Prefect's settings read the file
     (tmp_path / "prefect.toml").unlink()

@@ -53,7 +53,8 @@ class GridCluster(Block):
     # First, so the UI shows it on top. The UI shows a list or a mapping (`nodes`) as one clipped
     # JSON line, and a string wrapped (newlines collapsed): so one string, nodes joined by " · ".
     summary: str = Field("", title="Nodes at a glance",
-                         description="Each node in a few words, written from `nodes` on every save: edit `nodes`.")
+                         description="Each node in a few words, written from `nodes` by `grid blocks apply` "
+                         "(an edit of `nodes` in the UI shows here after the next apply).")
     nodes: list[NodeSpec] = Field(..., description="The head and the workers, with what each lends.")
     resource_sharing: ClusterSharing = Field(default_factory=ClusterSharing, description="Cluster-wide policy.")
 

@@ -55,8 +55,11 @@ def cluster_from_environment(env: Optional[dict] = None, cwd: Optional[Path] = N
     file (prefect.toml, pyproject.toml, .env, the Prefect profiles) may set it: only the full
     settings machinery reads those."""
     env = os.environ if env is None else env
-    if env.get(CLUSTER_VARIABLE, "").strip():
-        return env[CLUSTER_VARIABLE].strip()
+    if any(key.upper() == CLUSTER_VARIABLE and key != CLUSTER_VARIABLE for key in env):
+        return None  # pydantic's settings match names in any case: let them decide
+    if CLUSTER_VARIABLE in env:
+        value = env[CLUSTER_VARIABLE]
+        return value if value and value == value.strip() else None  # the settings read it exactly
     cwd = cwd or Path.cwd()
     home = Path(env.get("PREFECT_HOME") or Path.home() / ".prefect")
     files = [cwd / "prefect.toml", cwd / "pyproject.toml", cwd / ".env",

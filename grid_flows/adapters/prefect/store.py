@@ -34,7 +34,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from grid_flows.adapters.prefect.blocks import GridBoost, GridBoostHistory, GridCluster
 from grid_flows.adapters.prefect.records import PAGE, boost_document_name, boost_from_data, documents_page, in_cluster
 from grid_flows.core.models import Boost, ClusterSpec, Resources, utcnow
-from grid_flows.errors import GridError, InvalidRequest, UnknownBoost
+from grid_flows.errors import ForeignBoost, GridError, InvalidRequest, UnknownBoost
 from grid_flows.adapters.prefect.settings import GridSettings
 from grid_flows.adapters.prefect.transport import GridTransport
 from grid_flows.core.units import NO_VALUE, format_amount, format_bytes, format_duration
@@ -212,7 +212,7 @@ class BoostStore:
 
     def _mine(self, boost: Boost) -> Boost:
         if boost.cluster != self.cluster:
-            raise UnknownBoost(
+            raise ForeignBoost(
                 f"boost '{boost.id}' belongs to cluster '{boost.cluster}', not to '{self.cluster}' "
                 "(PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK names the cluster)")
         return boost
