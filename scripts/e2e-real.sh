@@ -56,6 +56,17 @@ stop_everything() {
     # The worker first, while its server still answers (it lets the flow runs it started
     # finish: up to 60 s); then the server. Then PostgreSQL, then the rest.
     local i waited
+    # Drain the worker first: its stop SIGKILLs the flow runs it still runs (left Running), so
+    # pause the pool and wait (at most 30 s) until it runs none, then TERM it.
+    if [[ -n "${WORKER_PID:-}" ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
+        "$BIN/prefect" work-pool pause grid-pool >/dev/null 2>&1
+        for waited in $(seq 1 60); do [[ -z "$(pgrep -P "$WORKER_PID")" ]] && break; sleep 0.5; done
+        if [[ -n "$(pgrep -P "$WORKER_PID")" ]]; then
+            log "worker still runs flow runs 30 s after the pool was paused"
+        else
+            log "work pool paused; the worker's flow runs finished (within $(( (waited + 1) / 2 )) s)"
+        fi
+    fi
     for (( i=${#DIRECT_PIDS[@]}; i>=0; i-- )); do
         if (( i == ${#DIRECT_PIDS[@]} )); then pid="${WORKER_PID:-}"; else pid="${DIRECT_PIDS[$i]}"; fi
         [[ -z "$pid" || "$pid" == "${PG_PID:-}" ]] && continue
