@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit bench soak chaos peer clean
+.PHONY: demo test unit bench soak chaos throughput-postgres peer clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ soak: $(STAMP)
 CHAOS_KILLS ?= 30
 chaos: $(STAMP)
 	$(PY) -m benchmarks.chaos --kills $(CHAOS_KILLS)
+
+# Row 9 of `make bench` (admission throughput) with its Prefect server on PostgreSQL instead of
+# SQLite; installs PostgreSQL with apt-get when missing (needs root, as `make e2e`).
+throughput-postgres: $(STAMP)
+	bash scripts/with-postgres.sh $(PY) -m benchmarks.admission_throughput
 
 # prefect-ray's own test suite against BoostRayTaskRunner, beside RayTaskRunner (scripts/peer.py;
 # ~30 minutes, not part of `make test`). It stops every Ray process of this user: run it alone.

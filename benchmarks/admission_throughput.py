@@ -7,7 +7,8 @@ share (``ledger.check_invariants``) and Ray's grid placement groups against the 
 that no live record names in two samples a second apart is an orphan).
 
 Part of ``make bench`` (row 9); alone: ``.venv/bin/python -m benchmarks.admission_throughput``
-(starts its own Prefect server and Ray cluster).
+(starts its own Prefect server and Ray cluster). ``make throughput-postgres`` runs it with
+that server on PostgreSQL instead of SQLite (``scripts/with-postgres.sh``).
 """
 
 from __future__ import annotations
@@ -103,9 +104,11 @@ def admission_throughput(address: str, clients: int = CLIENTS, seconds: float = 
     refused = sum(o["refused"] for o in outs)
     latencies = sorted(x for o in outs for x in o["latencies"])
     rate = granted / seconds
+    database = "PostgreSQL" if "postgresql" in os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL", "") else "SQLite"
     p50 = latencies[len(latencies) // 2] * 1000 if latencies else float("nan")
     return Result(
-        name=f"9. admission throughput: {clients} processes request+release, 3 lenders, {seconds:.0f} s",
+        name=f"9. admission throughput: {clients} processes request+release, 3 lenders, {seconds:.0f} s, "
+             f"Prefect on {database}",
         measured=f"{rate:.1f} grants/s ({granted} granted, {refused} refused for lack of room); "
                  f"request p50 {p50:.0f} ms under this load",
         baseline=f"Kueue's published 15,000 workloads in 351 s = 42.7/s (other hardware, no durable write per "
@@ -115,7 +118,7 @@ def admission_throughput(address: str, clients: int = CLIENTS, seconds: float = 
         goal=f">= {GOAL_PER_SECOND:.0f} grants/s, 0 over-grants, 0 orphans",
         passed=rate >= GOAL_PER_SECOND and violations == 0 and orphans == 0 and stale == 0,
         note="each grant is one durable Prefect write and each release two (history create, live delete), "
-             "all under the controller's lock; the Prefect server (SQLite) and the 2 shared cores bound it",
+             f"all under the controller's lock; the Prefect server ({database}) and the machine's cores bound it",
     )
 
 

@@ -199,7 +199,7 @@ def _admission_run(spec, n_ops: int, seed: int, full: bool) -> tuple[float, dict
     from grid_flows.core import ledger
     from grid_flows import errors
     from grid_flows.core.ledger import Event
-    from grid_flows.core.models import BoostState, Priority, Resources
+    from grid_flows.core.models import DEFAULT_CLUSTER, BoostState, Priority, Resources
     from grid_flows.core.preemption import plan_preemption
 
     rnd = random.Random(seed)
@@ -238,7 +238,7 @@ def _admission_run(spec, n_ops: int, seed: int, full: bool) -> tuple[float, dict
             free[ended.source] = free[ended.source] + ended.resources
             counts["preempted"] += 1
         b = ledger.new_boost(f"{i:08x}", source=lender, target="head", resources=need, priority=prio,
-                             duration_seconds=600, now=now)
+                             duration_seconds=600, now=now, cluster=DEFAULT_CLUSTER)
         b = ledger.transition(b, Event.grant, now, placement_group_id=f"pg{i}")
         active[b.id] = b
         free[lender] = free[lender].minus(need)

@@ -68,12 +68,12 @@ def _timed(fn) -> tuple[float, object]:
 def _ended_boost(i: int, now):
     """The i-th ended record: released i seconds before ``now`` (newest first by i), 10 minutes long."""
     from grid_flows.core.ledger import Event, new_boost, transition
-    from grid_flows.core.models import Priority, Resources
+    from grid_flows.core.models import DEFAULT_CLUSTER, Priority, Resources
 
     ended = now - timedelta(seconds=i)
     b = new_boost(uuid.uuid4().hex, source="gpu1", target="gpu-master", resources=Resources(cpu=1),
                   priority=Priority.normal, duration_seconds=600, now=ended - timedelta(minutes=10),
-                  requested_by="bench@history")
+                  requested_by="bench@history", cluster=DEFAULT_CLUSTER)
     b = transition(b, Event.grant, ended - timedelta(minutes=10), placement_group_id="bench")
     return transition(b, Event.release, ended, reason="released by request (bench)")
 

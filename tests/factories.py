@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from grid_flows.core.ledger import new_boost
-from grid_flows.core.models import Boost, BoostState, Priority, Resources
+from grid_flows.core.models import DEFAULT_CLUSTER, Boost, BoostState, Priority, Resources
 
 GIB = 1024**3
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)  # created
@@ -28,6 +28,7 @@ def pending(boost_id: str = "b-7f3e", **overrides) -> Boost:
         priority=Priority.high,
         duration_seconds=DURATION,
         now=T0,
+        cluster=DEFAULT_CLUSTER,
     )
     fields.update(overrides)
     return new_boost(boost_id, **fields)

@@ -38,7 +38,8 @@ def _res_json(r) -> Optional[dict[str, Any]]:
 
 @cluster_app.command("status")
 def cluster_status_command(
-    history: str = typer.Option("default", "--history", help="GridMetricsHistory block with the pressure samples."),
+    history: Optional[str] = typer.Option(
+        None, "--history", help="GridMetricsHistory block with the pressure samples (default: named like the cluster)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Every node: role, liveness, total, lendable, lent and free capacity, pressure and trend."""
@@ -50,7 +51,8 @@ def cluster_status_command(
     from grid_flows.core.models import utcnow
     from grid_flows.adapters.prefect.store import BoostStore
 
-    check_history_name(history)
+    if history is not None:
+        check_history_name(history)
     now = utcnow()
     with BoostStore() as store:
         spec = store.load_cluster()

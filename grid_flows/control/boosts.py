@@ -517,18 +517,24 @@ def _check_share(lender: NodeSpec, resources: Resources) -> None:
         )
 
 
+def _running_lenders(spec: ClusterSpec, target: str, source: str | None, nodes: dict[str, rc.NodeInfo],
+                     lent: dict[str, Resources]):
+    """(node, Ray's view of it, its unlent share by the records) of each running lender asked
+    of: ``source``, or every lender but the target."""
+    names = [source] if source else [n.name for n in spec.lenders() if n.name != target]
+    for name in names:
+        info = nodes.get(name)
+        if info is not None and info.alive:
+            node = spec.node(name)
+            yield node, info, node.share.minus(lent.get(name, Resources()))  # the share, as defined now
+
+
 def _candidates(spec: ClusterSpec, target: str, source: str | None, resources: Resources,
                 nodes: dict[str, rc.NodeInfo], lent: dict[str, Resources]) -> list[str]:
     """Lenders that can hold the whole request now: most free lendable capacity, then node priority."""
-    names = [source] if source else [n.name for n in spec.lenders() if n.name != target]
     scored = []
-    for name in names:
-        node = spec.node(name)
-        info = nodes.get(name)
-        if info is None or not info.alive:
-            continue
+    for node, info, unlent in _running_lenders(spec, target, source, nodes, lent):
         free = info.lendable_free
-        unlent = node.share.minus(lent.get(name, Resources()))  # the share, as defined now
         if not resources.fits_in(unlent) or not resources.fits_in(free):
             continue
         size = node.share
@@ -536,7 +542,7 @@ def _candidates(spec: ClusterSpec, target: str, source: str | None, resources: R
         headroom = sum(
             f / s for f, s in ((free.cpu, size.cpu), (free.gpu, size.gpu), (free.memory, size.memory)) if s
         )
-        scored.append((-headroom, node.resource_sharing.priority, name))
+        scored.append((-headroom, node.resource_sharing.priority, node.name))
     return [name for _, _, name in sorted(scored)]
 
 
@@ -563,16 +569,9 @@ def _lagging_lenders(spec: ClusterSpec, target: str, source: str | None, resourc
                      nodes: dict[str, rc.NodeInfo], lent: dict[str, Resources]) -> list[str]:
     """Running lenders whose unlent share (by the records) holds the request while Ray's free
     lend tokens do not."""
-    names = [source] if source else [n.name for n in spec.lenders() if n.name != target]
-    lagging = []
-    for name in names:
-        info = nodes.get(name)
-        if info is None or not info.alive:
-            continue
-        unlent = spec.node(name).share.minus(lent.get(name, Resources()))
-        if resources.fits_in(unlent) and resources.fits_in(info.lendable_total) and not resources.fits_in(info.lendable_free):
-            lagging.append(name)
-    return lagging
+    return [node.name for node, info, unlent in _running_lenders(spec, target, source, nodes, lent)
+            if resources.fits_in(unlent) and resources.fits_in(info.lendable_total)
+            and not resources.fits_in(info.lendable_free)]
 
 
 def _no_capacity_message(spec: ClusterSpec, target: str, source: str | None, resources: Resources,

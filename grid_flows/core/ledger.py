@@ -10,7 +10,7 @@ Example:
     >>> from datetime import datetime, timezone
     >>> now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     >>> b = new_boost("a1b2", source="gpu1", target="gpu-master", resources=Resources(cpu=2),
-    ...               priority=Priority.high, duration_seconds=60, now=now)
+    ...               priority=Priority.high, duration_seconds=60, now=now, cluster="default")
     >>> transition(b, Event.grant, now, placement_group_id="ab").state.value
     'active'
 """
@@ -81,7 +81,7 @@ def new_boost(
     now: datetime,
     origin: str = "api",
     requested_by: str = "",
-    cluster: str = "default",
+    cluster: str,
 ) -> Boost:
     """A pending boost; ``expires_at`` is provisional until the grant restarts the clock."""
     return Boost(
@@ -169,7 +169,7 @@ def due_to_end(boosts: Iterable[Boost], now: datetime, *, held: AbstractSet[str]
         >>> from datetime import datetime, timedelta, timezone
         >>> t = datetime(2025, 1, 1, tzinfo=timezone.utc)
         >>> b = transition(new_boost("a" * 32, source="w", target="h", resources=Resources(cpu=1),
-        ...     priority=Priority.normal, duration_seconds=60, now=t), Event.grant, t, placement_group_id="g")
+        ...     priority=Priority.normal, duration_seconds=60, now=t, cluster="default"), Event.grant, t, placement_group_id="g")
         >>> [r for _, r in due_to_end([b], t + timedelta(seconds=60))]
         ['expired at 00:01:00 UTC']
         >>> due_to_end([b], t + timedelta(seconds=60), held={b.id}, grace_seconds=30)

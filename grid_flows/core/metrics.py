@@ -26,7 +26,7 @@ Example:
     from grid_flows.core.metrics import MetricsCollector
     from grid_flows.adapters.ray.metrics import RayProbeSource
     from grid_flows.adapters.prefect.metrics_store import BlockHistoryStore
-    collector = MetricsCollector(RayProbeSource(timeout_seconds=5), BlockHistoryStore("default"))
+    collector = MetricsCollector(RayProbeSource(timeout_seconds=5), BlockHistoryStore())
     collector.load()
     readings = collector.collect(["gpu-master", "gpu1", "gpu2"])
     collector.save()

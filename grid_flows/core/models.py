@@ -36,6 +36,9 @@ from grid_flows.core.units import check_amount, format_amount, format_bytes, par
 from grid_flows.errors import UnknownNode
 
 MAX_BOOST_SECONDS = 7 * 24 * 3600
+# The cluster (GridCluster block) a process serves unless told otherwise; records written
+# before clusters had names belong to it.
+DEFAULT_CLUSTER = "default"
 _MIB = 1024**2
 _GIB = 1024**3
 _FIELD_PREFIX = re.compile(r"^[a-z_][a-z0-9_.\[\]]*: ")
@@ -55,6 +58,16 @@ MAX_MEMORY_GB = 65536  # 64 TiB
 MAX_GPU_INTERVAL_MS = 3_600_000  # one hour between GPU task starts
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123
 _DIGITS = re.compile(r"[0-9]+")
+
+
+def cluster_scoped(name: str, cluster: str) -> str:
+    """``name`` for the default cluster, ``name-<cluster>`` for another: the one rule for the
+    names clusters sharing a Prefect server must not share (artifact keys, deployments).
+
+    >>> cluster_scoped("grid-boosts", "default"), cluster_scoped("grid-boosts", "lab")
+    ('grid-boosts', 'grid-boosts-lab')
+    """
+    return name if cluster == DEFAULT_CLUSTER else f"{name}-{cluster}"
 
 
 def utcnow() -> datetime:
@@ -417,7 +430,7 @@ class ClusterSharing(Strict):
 class ClusterSpec(Strict):
     """The cluster definition of ``blocks/cluster.yaml``."""
 
-    name: str = "default"
+    name: str = DEFAULT_CLUSTER
     nodes: list[NodeSpec]
     resource_sharing: ClusterSharing = Field(default_factory=ClusterSharing)
 
@@ -485,8 +498,8 @@ class Boost(BaseModel):
     requested_by: str = ""  # the flow run, or user@host, that asked for it
     preempted_by: str = ""  # while active: the boost whose preemption of this one is under way
     # The GridCluster block the boost belongs to: clusters sharing one Prefect server never
-    # judge each other's records ("default" for records written before clusters were named).
-    cluster: str = "default"
+    # judge each other's records (DEFAULT_CLUSTER for records written before clusters were named).
+    cluster: str = DEFAULT_CLUSTER
 
     @property
     def short_id(self) -> str:

@@ -6,6 +6,12 @@ same flows, schedules and triggers (Automations) for a work pool; ``SCHEDULES`` 
 ``TRIGGERS`` are the source, and a test holds the file (and the rebalance interval of
 ``blocks/cluster.yaml``) equal to them.
 
+Clusters sharing one Prefect server each serve their own: the deployments of a cluster other
+than ``default`` are named ``grid-expire-<cluster>`` and so on, and its Automation reacts
+only to its own boosts' events (label ``grid.cluster``). The cluster is the one the serving
+process is set to (``PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK``), and its flow runs judge
+only that cluster's boosts.
+
 Example:
     ```python
     from prefect import serve
@@ -21,7 +27,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 
 from grid_flows.flows.lifecycle import expire_boosts, reconcile_boosts
 from grid_flows.flows.rebalance import cluster_status_snapshot, rebalance
-from grid_flows.core.models import ClusterSpec
+from grid_flows.core.models import DEFAULT_CLUSTER, ClusterSpec, cluster_scoped
 
 # name -> (flow, interval seconds).
 SCHEDULES = {
@@ -31,38 +37,47 @@ SCHEDULES = {
     "grid-cluster-status": (cluster_status_snapshot, 60),
 }
 
-# name -> the Automations that also run it (deployment triggers). A lost boost's lender died:
-# the boost controller ends it within seconds, and a reconcile pass runs at once.
-TRIGGERS = {
-    "grid-reconcile": [{
-        "type": "event", "enabled": True, "name": "grid-reconcile on grid.boost.lost",
+
+
+def triggers(name: str, cluster: str = DEFAULT_CLUSTER) -> list[dict]:
+    """The Automations that also run deployment ``name`` of ``cluster`` (deployment triggers).
+
+    A lost boost's lender died: the boost controller ends it within seconds, and a reconcile
+    pass of the same cluster runs at once.
+    """
+    if name != "grid-reconcile":
+        return []
+    return [{
+        "type": "event", "enabled": True, "name": f"{cluster_scoped(name, cluster)} on grid.boost.lost",
         "description": "A boost was lost with its lender; make Ray and the records agree now.",
-        "match": {"prefect.resource.id": "grid.boost.*"}, "expect": ["grid.boost.lost"],
-    }],
-}
+        "match": {"prefect.resource.id": "grid.boost.*", "grid.cluster": cluster}, "expect": ["grid.boost.lost"],
+    }]
 
 
 def maintenance_deployments(interval_scale: float = 1.0, spec: ClusterSpec | None = None) -> list:
     """RunnerDeployments of the maintenance flows; ``interval_scale`` shortens intervals for tests.
 
     ``grid-rebalance`` runs every ``resource_sharing.rebalance_interval_seconds`` of ``spec``
-    (default: the saved cluster block, when there is one); the others on ``SCHEDULES``.
+    (default: the saved cluster block, when there is one); the others on ``SCHEDULES``. The
+    deployments belong to ``spec``'s cluster (default: the one this process is set to).
     """
+    from grid_flows.adapters.prefect.settings import GridSettings
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     intervals = {name: seconds for name, (_, seconds) in SCHEDULES.items()}
+    cluster = spec.name if spec is not None else GridSettings().cluster_block
     spec = spec if spec is not None else _saved_cluster()
     if spec is not None:
         intervals["grid-rebalance"] = spec.resource_sharing.rebalance_interval_seconds
-    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
-
     return [
         flow.to_deployment(
-            name=name,
+            name=cluster_scoped(name, cluster),
             interval=max(1.0, intervals[name] * interval_scale),
             concurrency_limit=one_at_a_time,
-            tags=["grid-flows", "maintenance"],
+            tags=["grid-flows", "maintenance", f"grid-cluster:{cluster}"],
             description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
-            triggers=[DeploymentEventTrigger.model_validate(t) for t in TRIGGERS.get(name, [])],
+            triggers=[DeploymentEventTrigger.model_validate(t) for t in triggers(name, cluster)],
         )
         for name, (flow, _) in SCHEDULES.items()
     ]

@@ -41,16 +41,17 @@ from grid_flows.control import boosts
 from grid_flows.adapters.ray import cluster as rc
 from grid_flows.core.ledger import Event, held_by_borrower, held_by_lender
 from grid_flows.adapters.ray.metrics import DEFAULT_PROBE_TIMEOUT_SECONDS, RayProbeSource
-from grid_flows.adapters.prefect.metrics_store import HISTORY_BLOCK_DEFAULT, BlockHistoryStore, load_history
+from grid_flows.adapters.prefect.metrics_store import BlockHistoryStore, load_history
 from grid_flows.core.metrics import (
     MetricsCollector, MetricsSource, NodeReading, check_history_name, node_pressure,
 )
-from grid_flows.core.models import Boost, ClusterSpec, Resources, describe_size, utcnow
+from grid_flows.core.models import Boost, ClusterSpec, Resources, cluster_scoped, describe_size, utcnow
 from grid_flows.errors import GridError, InvalidRequest
 from grid_flows.core.policy import Decision, decide
 from grid_flows.adapters.prefect.store import BoostStore
 from grid_flows.core.units import NO_VALUE
 
+# The default cluster's keys; another cluster's end in -<its name> (core.models.cluster_scoped).
 PRESSURE_ARTIFACT_KEY = "grid-pressure"
 SUMMARY_ARTIFACT_KEY = "grid-rebalance"
 CLUSTER_ARTIFACT_KEY = "grid-cluster"
@@ -79,20 +80,22 @@ def _check_parameters(idle_samples: Any, probe_timeout_seconds: Any, history: An
         raise InvalidRequest(
             f"probe_timeout_seconds: must be a number of seconds in (0, 300], got {probe_timeout_seconds!r}"
         )
-    check_history_name(history)
+    if history is not None:
+        check_history_name(history)
 
 
 @flow(name="grid-rebalance")
 def rebalance(
     idle_samples: int = 3,
     probe_timeout_seconds: float = DEFAULT_PROBE_TIMEOUT_SECONDS,
-    history: str = HISTORY_BLOCK_DEFAULT,
+    history: Optional[str] = None,
 ) -> dict[str, Any]:
     """Sample every node, then grant, release or reclaim boosts by pressure (one round).
 
     ``idle_samples``: how many calm samples in a row release a rebalance-made boost.
     ``probe_timeout_seconds``: how long a node may take to answer the probe.
-    ``history``: the ``GridMetricsHistory`` block document that keeps the samples.
+    ``history``: the ``GridMetricsHistory`` block document that keeps the samples (default: named
+    like the cluster).
     """
     _check_parameters(idle_samples, probe_timeout_seconds, history)
     logger = get_run_logger()
@@ -223,7 +226,7 @@ def _publish_pressure(spec, collector, readings, decisions, outcomes, now) -> No
               f"Policy {sharing.policy.value}, mode {sharing.mode.value}.")
     if not acted:
         header += " No rebalance decision: " + "; ".join(d.reason for d in decisions)
-    create_table_artifact(table=rows, key=PRESSURE_ARTIFACT_KEY, description=header)
+    create_table_artifact(table=rows, key=cluster_scoped(PRESSURE_ARTIFACT_KEY, spec.name), description=header)
 
     lines = [f"# Rebalance at {now:%Y-%m-%d %H:%M:%S} UTC", "",
              f"Policy **{sharing.policy.value}**, mode **{sharing.mode.value}**, "
@@ -240,7 +243,7 @@ def _publish_pressure(spec, collector, readings, decisions, outcomes, now) -> No
         lines += ["", "Unreachable: " + "; ".join(f"{r.node} ({r.error})" for r in unreachable) + "."]
     lines += ["", "| Node | Pressure | Trend 5 min |", "|---|---|---|"]
     lines += [f"| {r['Node']} | {r['Pressure (0-1)']} | {r['Trend 5 min']} |" for r in rows]
-    create_markdown_artifact(markdown="\n".join(lines), key=SUMMARY_ARTIFACT_KEY,
+    create_markdown_artifact(markdown="\n".join(lines), key=cluster_scoped(SUMMARY_ARTIFACT_KEY, spec.name),
                              description="What the last rebalance round decided and why.")
 
 
@@ -307,11 +310,16 @@ def status_rows(status: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 @flow(name="grid-cluster-status")
-def cluster_status_snapshot(history: str = HISTORY_BLOCK_DEFAULT) -> list[dict[str, str]]:
-    """Publish the ``grid-cluster`` table: every node's role, liveness, capacity, lending and pressure."""
+def cluster_status_snapshot(history: Optional[str] = None) -> list[dict[str, str]]:
+    """Publish the ``grid-cluster`` table: every node's role, liveness, capacity, lending and pressure.
+
+    ``history``: the ``GridMetricsHistory`` block document with the pressure samples (default:
+    named like the cluster).
+    """
     from prefect.artifacts import create_table_artifact
 
-    check_history_name(history)
+    if history is not None:
+        check_history_name(history)
     now = utcnow()
     with BoostStore() as store:
         spec = store.load_cluster()
@@ -325,8 +333,8 @@ def cluster_status_snapshot(history: str = HISTORY_BLOCK_DEFAULT) -> list[dict[s
     rows = status_rows(cluster_status(spec, live, load_history(history, now), nodes, now))
     create_table_artifact(
         table=rows,
-        key=CLUSTER_ARTIFACT_KEY,
-        description=f"Grid nodes at {now:%Y-%m-%d %H:%M:%S} UTC. Lent = held by live boosts "
+        key=cluster_scoped(CLUSTER_ARTIFACT_KEY, spec.name),
+        description=f"Grid nodes of cluster {spec.name} at {now:%Y-%m-%d %H:%M:%S} UTC. Lent = held by live boosts "
         "(boosted tasks run on the lender). Pressure from the last rebalance sample.",
     )
     return rows

@@ -147,11 +147,11 @@ def _any_boost():
     from datetime import datetime, timezone
 
     from grid_flows.core.ledger import new_boost
-    from grid_flows.core.models import Priority, Resources
+    from grid_flows.core.models import DEFAULT_CLUSTER, Priority, Resources
 
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     return new_boost("x", source="gpu1", target="gpu-master", resources=Resources(cpu=1),
-                     priority=Priority.normal, duration_seconds=60, now=now)
+                     priority=Priority.normal, duration_seconds=60, now=now, cluster=DEFAULT_CLUSTER)
 
 
 def test_blocks_apply_saves_a_valid_file_and_nothing_on_error(grid, capsys, tmp_path):

@@ -15,7 +15,7 @@ from grid_flows import BoostRayTaskRunner, NoCapacity, boosted, list_boosts, req
 from grid_flows.adapters.ray import cluster as rc
 from grid_flows.control.boosts import extend, reconcile
 from grid_flows.core.ledger import new_boost
-from grid_flows.core.models import BoostState, Priority, Resources, utcnow
+from grid_flows.core.models import DEFAULT_CLUSTER, BoostState, Priority, Resources, utcnow
 from grid_flows.errors import InvalidRequest
 from grid_flows.adapters.prefect.store import BoostStore
 from grid_flows.adapters.ray.tokens import bundle
@@ -58,7 +58,8 @@ def test_reconcile_removes_orphans_marks_lost_and_failed_and_is_idempotent(grid)
     rc.remove_group(lost.placement_group_id)  # as if the group vanished behind our back
 
     stuck = new_boost(uuid.uuid4().hex, source="gpu1", target="gpu-master", resources=Resources(cpu=0.5),
-                      priority=Priority.normal, duration_seconds=600, now=utcnow() - timedelta(seconds=300))
+                      priority=Priority.normal, duration_seconds=600, now=utcnow() - timedelta(seconds=300),
+                      cluster=DEFAULT_CLUSTER)
     with BoostStore() as store:
         store.create(stuck)
     stuck_group = rc.start_boost_group(stuck.placement_group, "gpu1", stuck.resources)
@@ -76,7 +77,8 @@ def test_reconcile_removes_orphans_marks_lost_and_failed_and_is_idempotent(grid)
 
 def test_reconcile_leaves_a_young_pending_request_alone(grid):
     young = new_boost(uuid.uuid4().hex, source="gpu2", target="gpu-master", resources=Resources(cpu=1),
-                      priority=Priority.normal, duration_seconds=60, now=utcnow())
+                      priority=Priority.normal, duration_seconds=60, now=utcnow(),
+                      cluster=DEFAULT_CLUSTER)
     with BoostStore() as store:
         store.create(young)
     group = rc.start_boost_group(young.placement_group, "gpu2", young.resources)

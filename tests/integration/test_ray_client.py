@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from grid_flows.adapters.ray.cluster import ray_start_args
+from tests.conftest import boost_events, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -36,10 +37,18 @@ _MARK = "GRID_TEST_RAY_CLIENT_MARK"
 _BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """``count`` distinct free ports, none in ``avoid`` (ports chosen but not yet listened on):
+    the sockets stay open until all are bound, since ports picked one at a time can repeat,
+    and Ray refuses two components on one port."""
+    sockets = [socket.socket() for _ in range(count + len(avoid))]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [port for port in (s.getsockname()[1] for s in sockets) if port not in avoid][:count]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _marked(mark: str) -> list[psutil.Process]:
@@ -69,15 +78,13 @@ def _stop_marked(mark: str) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def _ray_start(args: list[str], tmp: str, env: dict[str, str], worker_ports: int) -> None:
+def _ray_start(args: list[str], tmp: str, env: dict[str, str], worker_ports: int, avoid: tuple[int, ...] = ()) -> None:
     # Explicit ports: the session's cluster runs on this machine too. Worker ports sit above
     # Ray's default range (10002-19999, the session's) and below the kernel's ephemeral range.
-    ports = [
-        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-        f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 99}",
-    ]
+    flags = ["--node-manager-port", "--object-manager-port", "--metrics-export-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    ports = [f"{flag}={port}" for flag, port in zip(flags, _free_ports(len(flags), avoid))]
+    ports += [f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 99}"]
     done = subprocess.run([str(_BIN / "ray"), "start", *args, *ports, f"--temp-dir={tmp}", "--disable-usage-stats",
                            "--node-ip-address=127.0.0.1", f"--object-store-memory={78 * 1024**2}"],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -93,12 +100,13 @@ def client_address(grid_session):
     tmp = tempfile.mkdtemp(prefix="grid-rc-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     env[_MARK] = mark
-    gcs, client = _free_port(), _free_port()
+    gcs, client = _free_ports(2)
     first_worker_port = 20000 + random.randrange(40) * 200
     try:
         _ray_start([*ray_start_args(nodes["gpu-master"]), f"--port={gcs}", "--include-dashboard=false",
-                    f"--ray-client-server-port={client}"], f"{tmp}/head", env, first_worker_port)
-        _ray_start(ray_start_args(nodes["gpu1"], f"127.0.0.1:{gcs}"), f"{tmp}/gpu1", env, first_worker_port + 100)
+                    f"--ray-client-server-port={client}"], f"{tmp}/head", env, first_worker_port, (gcs, client))
+        _ray_start(ray_start_args(nodes["gpu1"], f"127.0.0.1:{gcs}"), f"{tmp}/gpu1", env, first_worker_port + 100,
+                   (gcs, client))
         yield f"ray://127.0.0.1:{client}"
     finally:
         _stop_marked(mark)
@@ -211,8 +219,11 @@ def test_grid_commands_request_release_and_reconcile_through_a_ray_client_connec
     assert _grid(grid, "boost", "release", json.loads(again.stdout)["id"], "--address", client_address).returncode == 0
 
 
-def test_two_clusters_on_one_server_never_judge_each_others_boosts(grid, lab_block, client_address):
+def test_two_clusters_on_one_server_never_judge_each_others_boosts(grid, lab_block, client_address, monkeypatch):
+    from prefect.artifacts import Artifact
+
     from grid_flows import list_boosts, release_boost, request_boost
+    from grid_flows.flows.rebalance import cluster_status_snapshot
     from grid_flows.adapters.prefect.store import BoostStore
     from grid_flows.adapters.ray import cluster as rc
     from grid_flows.control.boosts import reconcile
@@ -250,6 +261,22 @@ def test_two_clusters_on_one_server_never_judge_each_others_boosts(grid, lab_blo
         status = _grid(grid, "boost", "status", "--json")
         assert [b["id"] for b in json.loads(status.stdout)] == [theirs["id"]], status.stderr[-3000:]
         assert [b.id for b in list_boosts() if b.state is BoostState.active] == [mine.id]
+
+        # What both publish on the shared server stays apart: the lab's events name its own nodes,
+        # and its maintenance tables have their own keys.
+        granted = wait_for(lambda: [e for e in boost_events(theirs["id"]) if e["event"] == "grid.boost.granted"],
+                           bool)
+        assert granted, "the lab boost's grid.boost.granted event never reached the server"
+        roles = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in granted[0]["related"]}
+        assert roles == {"lender": "grid.node.lab.gpu1", "borrower": "grid.node.lab.gpu-master"}
+        assert granted[0]["resource"]["grid.cluster"] == LAB
+        monkeypatch.setenv("PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK", LAB)
+        cluster_status_snapshot()
+        monkeypatch.delenv("PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK")
+        table = Artifact.get("grid-cluster-lab")
+        assert table is not None and "of cluster lab" in table.description
+        default_table = Artifact.get("grid-cluster")
+        assert default_table is None or "of cluster lab" not in default_table.description
     finally:
         released = _grid(grid, "boost", "release", theirs["id"], "--address", client_address)
         assert released.returncode == 0, released.stderr[-3000:]

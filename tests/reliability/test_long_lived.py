@@ -22,7 +22,7 @@ from grid_flows.adapters.ray import cluster as rc
 from grid_flows.adapters.prefect.blocks import GridBoostHistory
 from grid_flows.control.boosts import reconcile
 from grid_flows.core.ledger import Event, check_invariants, new_boost, transition
-from grid_flows.core.models import BoostState, Priority, Resources, utcnow
+from grid_flows.core.models import DEFAULT_CLUSTER, BoostState, Priority, Resources, utcnow
 from grid_flows.errors import UnknownBoost
 from grid_flows.adapters.prefect.store import BoostStore
 from tests.conftest import changed_cluster, controller_off, sharing_settings
@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 def _ended(minutes_ago: float) -> object:
     now = utcnow() - timedelta(minutes=minutes_ago)
     boost = new_boost(uuid.uuid4().hex, source="gpu2", target="gpu-master", resources=Resources(cpu=1),
-                      priority=Priority.normal, duration_seconds=60, now=now, requested_by="test")
+                      priority=Priority.normal, duration_seconds=60, now=now, requested_by="test",
+                      cluster=DEFAULT_CLUSTER)
     boost = transition(boost, Event.grant, now, placement_group_id="00" * 14)
     return transition(boost, Event.release, now, reason="ended long ago")
 

@@ -31,7 +31,7 @@ def test_the_work_pool_file_declares_exactly_the_maintenance_schedules():
     import yaml
 
     from grid_flows.core.cluster_file import load_cluster_file
-    from grid_flows.flows.maintenance import SCHEDULES, TRIGGERS
+    from grid_flows.flows.maintenance import SCHEDULES, triggers
 
     root = Path(__file__).resolve().parents[2]
     declared = yaml.safe_load((root / "deployments" / "prefect.yaml").read_text())["deployments"]
@@ -42,7 +42,7 @@ def test_the_work_pool_file_declares_exactly_the_maintenance_schedules():
         assert entry["schedules"] == [{"interval": seconds}], name
         path, func = entry["entrypoint"].split(":")
         assert func == flow_fn.fn.__name__ and (root / path).resolve() == Path(flow_fn.fn.__code__.co_filename).resolve()
-        assert entry.get("triggers", []) == TRIGGERS.get(name, []), name
+        assert entry.get("triggers", []) == triggers(name), name
     spec = load_cluster_file(root / "blocks" / "cluster.yaml")
     assert spec.resource_sharing.rebalance_interval_seconds == SCHEDULES["grid-rebalance"][1]
 
@@ -55,6 +55,21 @@ def test_a_lost_boost_runs_reconcile_through_an_automation():
     spec = ClusterSpec.model_validate({"nodes": [{"name": "head", "role": "head", "cpu_count": 1, "memory_gb": 1}]})
     reconcile = next(d for d in maintenance_deployments(spec=spec) if d.name == "grid-reconcile")
     (trigger,) = reconcile.triggers
-    assert trigger.expect == {"grid.boost.lost"} and trigger.match.root == {"prefect.resource.id": "grid.boost.*"}
+    assert trigger.expect == {"grid.boost.lost"}
+    assert trigger.match.root == {"prefect.resource.id": "grid.boost.*", "grid.cluster": "default"}
     assert trigger.enabled and trigger.posture.value == "Reactive" and trigger.threshold == 1
     assert all(not d.triggers for d in maintenance_deployments(spec=spec) if d.name != "grid-reconcile")
+
+
+def test_another_clusters_deployments_and_automation_are_its_own():
+    # Two clusters serving maintenance on one server: their deployments must not replace each
+    # other's, and one's Automation must not run on the other's lost boosts.
+    from grid_flows.core.models import ClusterSpec
+
+    spec = ClusterSpec.model_validate({"name": "lab", "nodes": [{"name": "head", "role": "head"}]})
+    deployments = maintenance_deployments(spec=spec)
+    assert {d.name for d in deployments} == {f"{name}-lab" for name in SCHEDULES}
+    assert all("grid-cluster:lab" in d.tags for d in deployments)
+    (trigger,) = next(d for d in deployments if d.name == "grid-reconcile-lab").triggers
+    assert trigger.match.root == {"prefect.resource.id": "grid.boost.*", "grid.cluster": "lab"}
+    assert trigger.name == "grid-reconcile-lab on grid.boost.lost"

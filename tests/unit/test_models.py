@@ -819,11 +819,11 @@ def test_a_boost_record_shows_memory_and_duration_with_units_and_reads_back_the_
     from grid_flows.adapters.prefect.blocks import GridBoost
     from grid_flows.adapters.prefect.records import boost_from_data
     from grid_flows.core import ledger
-    from grid_flows.core.models import utcnow
+    from grid_flows.core.models import DEFAULT_CLUSTER, utcnow
 
     boost = ledger.new_boost("a" * 32, source="gpu1", target="gpu-master", resources=Resources(cpu=1, memory=2 * GIB),
                              priority=Priority.normal, duration_seconds=1800, now=utcnow(), origin="api",
-                             requested_by="me@host")
+                             requested_by="me@host", cluster=DEFAULT_CLUSTER)
     data = GridBoost.from_boost(boost).model_dump(mode="json")
     assert (data["memory"], data["duration"], data["memory_bytes"]) == ("2 GiB", "30 min", 2 * GIB)
     assert boost_from_data(data) == boost

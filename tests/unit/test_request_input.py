@@ -8,7 +8,7 @@ import pytest
 
 from grid_flows.control.boosts import _check_pending_timeout, parse_request_resources
 from grid_flows.core.ledger import new_boost
-from grid_flows.core.models import Priority, Resources, utcnow
+from grid_flows.core.models import DEFAULT_CLUSTER, Priority, Resources, utcnow
 from grid_flows.errors import InvalidRequest, UnknownBoost
 from grid_flows.adapters.prefect.store import BoostStore
 
@@ -49,7 +49,8 @@ def test_zero_pending_timeout_is_allowed():
 def _records() -> list:
     return [
         new_boost(boost_id, source="gpu1", target="gpu-master", resources=Resources(cpu=1),
-                  priority=Priority.normal, duration_seconds=60, now=utcnow())
+                  priority=Priority.normal, duration_seconds=60, now=utcnow(),
+                  cluster=DEFAULT_CLUSTER)
         for boost_id in ("abcd1234" + "0" * 24, "abce5678" + "0" * 24)
     ]
 

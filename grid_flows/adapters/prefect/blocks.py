@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from grid_flows.adapters.prefect.records import BOOST_HISTORY_SLUG, BOOST_SLUG
 from grid_flows.core.units import NO_VALUE, format_bytes, format_duration
 from grid_flows.core.models import (
+    DEFAULT_CLUSTER,
     Boost,
     BoostState,
     ClusterSharing,
@@ -68,7 +69,7 @@ class GridCluster(Block):
     def from_spec(cls, spec: ClusterSpec) -> "GridCluster":
         return cls(nodes=spec.nodes, resource_sharing=spec.resource_sharing)
 
-    def to_spec(self, name: str = "default") -> ClusterSpec:
+    def to_spec(self, name: str = DEFAULT_CLUSTER) -> ClusterSpec:
         return ClusterSpec(
             name=name,
             nodes=[NodeSpec.model_validate(n.model_dump()) for n in self.nodes],
@@ -111,7 +112,7 @@ class GridBoost(Block):
                               description="Who asked: the flow run, or user@host for the CLI and Python API.")
     preempted_by: str = Field("", title="Being preempted by",
                               description="While active: the boost whose preemption of this one is under way.")
-    cluster: str = Field("default", title="Cluster", description="The GridCluster block this boost belongs to.")
+    cluster: str = Field(DEFAULT_CLUSTER, title="Cluster", description="The GridCluster block this boost belongs to.")
 
     @classmethod
     def from_boost(cls, boost: Boost) -> "GridBoost":

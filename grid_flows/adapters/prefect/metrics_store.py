@@ -5,14 +5,15 @@ Example:
     from grid_flows.adapters.prefect.metrics_store import BlockHistoryStore, load_history
     from grid_flows.core.metrics import MetricsCollector
 
-    collector = MetricsCollector(source, BlockHistoryStore("default"))
-    history = load_history("default")
+    collector = MetricsCollector(source, BlockHistoryStore())   # this process's cluster's
+    history = load_history("lab")                               # or the one named "lab"
     ```
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Optional
 
 from grid_flows.adapters.prefect.blocks import GridMetricsHistory
 from grid_flows.core.metrics import check_history_name, history_from_data
@@ -20,14 +21,21 @@ from grid_flows.core.models import utcnow
 from grid_flows.core.pressure import MetricsHistory
 
 
-HISTORY_BLOCK_DEFAULT = "default"
+def history_name(name: Optional[str] = None) -> str:
+    """``name``, or by default this process's cluster's: one ``GridMetricsHistory`` document per
+    cluster, named like its GridCluster block, so clusters sharing a server keep apart trends."""
+    if name is None:
+        from grid_flows.adapters.prefect.settings import GridSettings
+
+        name = GridSettings().cluster_block
+    return check_history_name(name)
 
 
 class BlockHistoryStore:
-    """The persisted history in the ``GridMetricsHistory`` block document ``name``."""
+    """The persisted history in the ``GridMetricsHistory`` block document ``name`` (default: the cluster's)."""
 
-    def __init__(self, name: str = HISTORY_BLOCK_DEFAULT) -> None:
-        self.name = check_history_name(name)
+    def __init__(self, name: Optional[str] = None) -> None:
+        self.name = history_name(name)
 
     def load(self) -> dict:
         cls = GridMetricsHistory
@@ -42,6 +50,6 @@ class BlockHistoryStore:
         cls(samples=data, saved_at=utcnow().isoformat()).save(self.name, overwrite=True, _sync=True)
 
 
-def load_history(name: str = HISTORY_BLOCK_DEFAULT, now: datetime | None = None) -> MetricsHistory:
+def load_history(name: Optional[str] = None, now: datetime | None = None) -> MetricsHistory:
     """The persisted history (empty when none was saved yet)."""
     return history_from_data(BlockHistoryStore(name).load(), now=now or utcnow())

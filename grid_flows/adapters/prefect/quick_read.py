@@ -25,7 +25,7 @@ from typing import Optional
 from grid_flows.adapters.prefect.records import (
     BOOST_HISTORY_SLUG, BOOST_SLUG, PAGE, boost_from_data, documents_page, in_cluster,
 )
-from grid_flows.core.models import Boost
+from grid_flows.core.models import DEFAULT_CLUSTER, Boost
 
 TIMEOUT_SECONDS = 5.0
 # Settings that change how Prefect's client talks to the API: with any of them set, the full client reads.
@@ -71,7 +71,7 @@ def cluster_from_environment(env: Optional[dict] = None, cwd: Optional[Path] = N
             continue
         if "cluster_block" in text:
             return None
-    return "default"
+    return DEFAULT_CLUSTER
 
 
 def read_boosts(include_ended: bool = False, env: Optional[dict] = None) -> Optional[list[Boost]]:

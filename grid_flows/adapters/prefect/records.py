@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from grid_flows.core.models import Boost, Resources
+from grid_flows.core.models import DEFAULT_CLUSTER, Boost, Resources
 
 BOOST_SLUG = "grid-boost"  # live boosts
 BOOST_HISTORY_SLUG = "grid-boost-history"  # ended boosts, kept for the record
@@ -44,8 +44,8 @@ def boost_from_data(data: dict) -> Boost:
 
 def in_cluster(data: dict, cluster: str) -> bool:
     """Whether a GridBoost document's data belongs to ``cluster`` (unnamed: written before
-    clusters were named, by the only cluster there was, ``default``)."""
-    return data.get("cluster", "default") == cluster
+    clusters were named, by the only cluster there was, ``DEFAULT_CLUSTER``)."""
+    return data.get("cluster", DEFAULT_CLUSTER) == cluster
 
 
 def boost_document_name(boost_id: str) -> str:

@@ -16,6 +16,8 @@ from typing import Optional
 from prefect.settings.base import PrefectBaseSettings, build_settings_config
 from pydantic import Field
 
+from grid_flows.core.models import DEFAULT_CLUSTER
+
 # One Ray namespace everywhere: detached groups and actors are found by name only
 # from the namespace that made them (docs/architecture.md, "Ray facts").
 RAY_NAMESPACE = "grid-flows"
@@ -27,7 +29,7 @@ class GridSettings(PrefectBaseSettings):
     ray_address: Optional[str] = Field(
         None, description="Ray cluster address; falls back to RAY_ADDRESS, then to a running local Ray."
     )
-    cluster_block: str = Field("default", description="Name of the GridCluster block document to use.")
+    cluster_block: str = Field(DEFAULT_CLUSTER, description="Name of the GridCluster block document to use.")
     grant_timeout_seconds: float = Field(
         2.0, gt=0, description="How long a boost's placement group may take to be placed before the grant fails."
     )

@@ -33,7 +33,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from grid_flows.adapters.prefect.blocks import GridBoost, GridBoostHistory, GridCluster
 from grid_flows.adapters.prefect.records import PAGE, boost_document_name, boost_from_data, documents_page, in_cluster
-from grid_flows.core.models import Boost, ClusterSpec, Resources, utcnow
+from grid_flows.core.models import DEFAULT_CLUSTER, Boost, ClusterSpec, Resources, cluster_scoped, utcnow
 from grid_flows.errors import ForeignBoost, GridError, InvalidRequest, UnknownBoost
 from grid_flows.adapters.prefect.settings import GridSettings
 from grid_flows.adapters.prefect.transport import GridTransport
@@ -346,14 +346,14 @@ class BoostStore:
 
     def emit(self, event: str, boost: Boost, **extra: str) -> None:
         """Emit ``grid.boost.<what>`` with resource id ``grid.boost.<id>``; the source and target
-        nodes (``grid.node.<name>``, roles ``lender`` and ``borrower``) and the flow run that asked,
+        nodes (:func:`node_resource_id`, roles ``lender`` and ``borrower``) and the flow run that asked,
         if one did, are related resources, so the event feed's filters and Details tab find them."""
         from prefect.events import emit_event
 
         related = [
-            {"prefect.resource.id": f"grid.node.{boost.source}", "prefect.resource.role": "lender",
+            {"prefect.resource.id": node_resource_id(boost.cluster, boost.source), "prefect.resource.role": "lender",
              "prefect.resource.name": boost.source},
-            {"prefect.resource.id": f"grid.node.{boost.target}", "prefect.resource.role": "borrower",
+            {"prefect.resource.id": node_resource_id(boost.cluster, boost.target), "prefect.resource.role": "borrower",
              "prefect.resource.name": boost.target},
         ]
         flow_run = _FLOW_RUN_ID.search(boost.requested_by or "")
@@ -401,7 +401,7 @@ class BoostStore:
             ) from None
         return GridCluster.model_validate(doc.data).to_spec(name=name)
 
-    def save_cluster(self, spec: ClusterSpec, name: str = "default") -> UUID:
+    def save_cluster(self, spec: ClusterSpec, name: str = DEFAULT_CLUSTER) -> UUID:
         _register(GridCluster)
         saved = GridCluster.from_spec(spec).save(name, overwrite=True, _sync=True)
         for listener in CLUSTER_SAVED_LISTENERS:
@@ -416,7 +416,13 @@ CLUSTER_SAVED_LISTENERS: list = []
 
 def boosts_artifact_key(cluster: str) -> str:
     """The ``grid-boosts`` table's key: one table per cluster on a shared server."""
-    return BOOSTS_ARTIFACT_KEY if cluster == "default" else f"{BOOSTS_ARTIFACT_KEY}-{cluster}"
+    return cluster_scoped(BOOSTS_ARTIFACT_KEY, cluster)
+
+
+def node_resource_id(cluster: str, node: str) -> str:
+    """A node's id in Prefect events: ``grid.node.<node>``, or ``grid.node.<cluster>.<node>`` for a
+    cluster other than the default one, so two clusters' ``gpu1`` stay apart in the event feed."""
+    return f"grid.node.{node}" if cluster == DEFAULT_CLUSTER else f"grid.node.{cluster}.{node}"
 
 
 def _in_grid_flow_run() -> bool:
