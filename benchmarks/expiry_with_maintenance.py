@@ -1,8 +1,10 @@
 """Expiry latency with the maintenance flows served (`grid maintenance serve`, real 30 s interval).
 
-Nothing else touches the ledger and no runner holds the boosts, so only the scheduled
-`grid-expire` flow ends them. Prints, per boost, the delay from `expires_at` to the
-record's end and to its placement group being gone.
+20 boosts of 3, 6, ... 60 s (0.1 CPU each, so all fit in gpu1's share at once); no runner
+holds them and nothing else touches the ledger. The boost controller's timer ends each at
+its deadline, and the scheduled `grid-expire` flow is the backstop beside it. Prints, per
+boost, the delay from `expires_at` to the record's end and to its placement group being
+gone, then the median and p99 (= max at n=20) of the latter.
 
     .venv/bin/python -m benchmarks.expiry_with_maintenance
 """
@@ -39,7 +41,7 @@ def main() -> int:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         try:
-            boosts = [request_boost("gpu-master", cpu=0.5, source="gpu1", duration=d) for d in (5, 15, 25, 35)]
+            boosts = [request_boost("gpu-master", cpu=0.1, source="gpu1", duration=3 * (i + 1)) for i in range(20)]
             ids = {b.id for b in boosts}
             deadline = time.monotonic() + 150
             ended: dict = {}
@@ -57,11 +59,11 @@ def main() -> int:
             stop_process_group(serve)
     to_end = [ended[b.id] - b.expires_at.timestamp() for b in boosts if b.id in ended]
     to_gone = [gone[b.id] - b.expires_at.timestamp() for b in boosts if b.id in gone]
-    print("expires_at -> record ended (s):", [round(x, 1) for x in to_end])
-    print("expires_at -> group gone   (s):", [round(x, 1) for x in to_gone])
+    print("expires_at -> record ended (s):", [round(x, 2) for x in to_end])
+    print("expires_at -> group gone   (s):", [round(x, 2) for x in to_gone])
     if to_gone:
-        print(f"median {statistics.median(to_gone):.1f} s, max {max(to_gone):.1f} s over {len(to_gone)} boosts "
-              "(bounded by the 30 s schedule plus a flow run's start-up)")
+        print(f"expires_at -> group gone: median {statistics.median(to_gone) * 1000:.0f} ms, p99 (max) "
+              f"{max(to_gone) * 1000:.0f} ms over {len(to_gone)} boosts; goal p99 <= 1 s")
     return 0 if len(to_gone) == len(boosts) else 1
 
 

@@ -257,6 +257,7 @@ def request(
             boost = ledger.new_boost(
                 _attempt_id(key, attempt), source=lender, target=target, resources=resources, priority=prio,
                 duration_seconds=seconds, now=utcnow(), origin=origin, requested_by=requester, cluster=spec.name,
+                ray_session=rc.session_name(),
             )
             # Ray's lend tokens arbitrate only while they match the share; after an admin
             # lowered the share without restarting the node, the share is checked under the lock.
@@ -390,7 +391,7 @@ def _preempt_and_grant(
         return None
     boost = ledger.new_boost(boost_id, source=plan.lender, target=target, resources=resources,
                              priority=prio, duration_seconds=seconds, now=utcnow(), origin=origin,
-                             requested_by=requester, cluster=spec.name)
+                             requested_by=requester, cluster=spec.name, ray_session=rc.session_name())
     # Claim first: Ray queues this group ahead of any request made after it.
     store.create(boost)
     group = None
@@ -813,7 +814,7 @@ def _reconcile(pending_timeout_seconds: float, address: str | None) -> Reconcile
         history = store.history()
         alive = {name: info.alive for name, info in rc.grid_nodes().items()}
         snapshot = Snapshot(groups_before=groups_before, live=live, ended_ids={b.id for b in history},
-                            alive=alive, groups_after=set(rc.grid_groups()), now=utcnow())
+                            alive=alive, groups_after=set(rc.grid_groups()), now=utcnow(), session=rc.session_name())
         changed = {Event.node_lost: report.lost, Event.expire: report.expired, Event.fail: report.failed}
         for action in plan(snapshot, pending_timeout_seconds):
             if action.kind is ActionKind.drop_live_copy:

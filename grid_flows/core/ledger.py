@@ -82,6 +82,7 @@ def new_boost(
     origin: str = "api",
     requested_by: str = "",
     cluster: str,
+    ray_session: str = "",
 ) -> Boost:
     """A pending boost; ``expires_at`` is provisional until the grant restarts the clock."""
     return Boost(
@@ -98,6 +99,7 @@ def new_boost(
         origin=origin,
         requested_by=requested_by,
         cluster=cluster,
+        ray_session=ray_session,
     )
 
 

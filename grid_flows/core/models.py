@@ -500,6 +500,9 @@ class Boost(BaseModel):
     # The GridCluster block the boost belongs to: clusters sharing one Prefect server never
     # judge each other's records (DEFAULT_CLUSTER for records written before clusters were named).
     cluster: str = DEFAULT_CLUSTER
+    # The Ray cluster it was granted in, by Ray's session name (new at each start of the head):
+    # a record whose group is gone tells whether its Ray cluster restarted, or is another one.
+    ray_session: str = ""
 
     @property
     def short_id(self) -> str:

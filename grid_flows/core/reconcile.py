@@ -43,7 +43,8 @@ class Action:
 @dataclass(frozen=True)
 class Snapshot:
     """What reconcile read, in order: Ray's groups (name -> id), the live records, the ids of
-    ended records, node liveness by name, Ray's group names again, and the time."""
+    ended records, node liveness by name, Ray's group names again, and the time; ``session``
+    is the Ray cluster's session name ("" when unknown)."""
 
     groups_before: Mapping[str, str]
     live: Iterable[Boost]
@@ -51,6 +52,7 @@ class Snapshot:
     alive: Mapping[str, bool]
     groups_after: set[str]
     now: datetime
+    session: str = ""
 
 
 def plan(snap: Snapshot, pending_timeout_seconds: float) -> list[Action]:
@@ -80,7 +82,7 @@ def _judge(b: Boost, snap: Snapshot, live: Mapping[str, Boost], pending_timeout_
     if b.preempted_by and b.preempted_by in live:
         return None  # a preemption is under way: its requester ends or restores this boost
     if b.placement_group not in snap.groups_after:
-        return Action(ActionKind.end, b.id, Event.node_lost, "its placement group is gone")
+        return Action(ActionKind.end, b.id, Event.node_lost, "its placement group is gone" + _elsewhere(b, snap))
     if not snap.alive.get(b.source, False):
         return Action(ActionKind.end, b.id, Event.node_lost, f"lender {b.source} is down")
     if b.is_overdue(snap.now):
@@ -88,3 +90,11 @@ def _judge(b: Boost, snap: Snapshot, live: Mapping[str, Boost], pending_timeout_
     if b.preempted_by and b.preempted_by not in live:
         return Action(ActionKind.lift_notice, b.id, reason=f"kept: the preemption by {b.preempted_by[:8]} did not complete")
     return None
+
+
+def _elsewhere(b: Boost, snap: Snapshot) -> str:
+    """Why the group may be gone, when the record was granted in another Ray cluster than this one."""
+    if not b.ray_session or not snap.session or b.ray_session == snap.session:
+        return ""
+    return (f": it was granted in Ray session {b.ray_session} and this Ray cluster is {snap.session} (the cluster "
+            f"restarted since, or another Ray cluster uses the GridCluster block '{b.cluster}')")

@@ -35,6 +35,10 @@ def test_grant_holds_the_bundle_on_the_chosen_source(grid):
     assert 590 <= boost.seconds_left() <= 600
     free = rc.grid_nodes()["gpu1"].lendable_free
     assert (free.cpu, free.gpu) == (1, 0)
+    # The record names the Ray cluster it was granted in, durably (reconcile's "lost" reason uses it).
+    assert boost.ray_session and boost.ray_session == rc.session_name()
+    with BoostStore() as store:
+        assert store.get(boost.id).ray_session == boost.ray_session
 
 
 def test_without_source_the_roomiest_lender_is_chosen_and_never_the_target(grid):

@@ -19,7 +19,7 @@ LATER = T1 + timedelta(minutes=1)  # b1 (active at T1 for 10 min) is neither ove
 NOTICED = in_state(S.active, "b1").model_copy(update={"preempted_by": "b-high"})
 
 
-def snap(live=(), *, before=None, after=None, ended=(), alive=None, now=LATER) -> Snapshot:
+def snap(live=(), *, before=None, after=None, ended=(), alive=None, now=LATER, session="") -> Snapshot:
     return Snapshot(
         groups_before=before if before is not None else {b.placement_group: "id-" + b.id for b in live},
         live=list(live),
@@ -27,7 +27,11 @@ def snap(live=(), *, before=None, after=None, ended=(), alive=None, now=LATER) -
         alive=alive if alive is not None else {"gpu1": True, "gpu2": True},
         groups_after=set(after) if after is not None else {b.placement_group for b in live},
         now=now,
+        session=session,
     )
+
+
+IN_OLD = in_state(S.active, "b1").model_copy(update={"ray_session": "session_old"})
 
 
 CASES = [
@@ -42,6 +46,15 @@ CASES = [
     ("an active record whose group is gone in the second read is lost",
      snap([in_state(S.active, "b1")], after=()),
      [Action(ActionKind.end, "b1", Event.node_lost, "its placement group is gone")]),
+    ("a lost record granted in another Ray session says so",  # the head restarted, or a second cluster
+     snap([IN_OLD], after=(), session="session_new"),
+     [Action(ActionKind.end, "b1", Event.node_lost, "its placement group is gone: it was granted in Ray session "
+             "session_old and this Ray cluster is session_new (the cluster restarted since, or another Ray cluster "
+             "uses the GridCluster block 'default')")]),
+    ("a lost record granted in this Ray session: only that its group is gone",
+     snap([IN_OLD], after=(), session="session_old"),
+     [Action(ActionKind.end, "b1", Event.node_lost, "its placement group is gone")]),
+    ("a record of this Ray session with its group agrees", snap([IN_OLD], session="session_old"), []),
     ("an active record placed after the first read keeps its group",  # activated between the reads
      snap([in_state(S.active, "b1")], before={}), []),
     ("a boost on a dead lender is lost",

@@ -113,6 +113,8 @@ class GridBoost(Block):
     preempted_by: str = Field("", title="Being preempted by",
                               description="While active: the boost whose preemption of this one is under way.")
     cluster: str = Field(DEFAULT_CLUSTER, title="Cluster", description="The GridCluster block this boost belongs to.")
+    ray_session: str = Field("", title="Ray session",
+                             description="The Ray cluster it was granted in (Ray's session name, new at each head start).")
 
     @classmethod
     def from_boost(cls, boost: Boost) -> "GridBoost":

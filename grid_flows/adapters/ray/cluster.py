@@ -92,6 +92,17 @@ def connection_key() -> str:
     return f"{ctx.gcs_address}/{ctx.get_job_id()}"
 
 
+def session_name() -> str:
+    """The connected Ray cluster's identity: its session name, new at each start of its head
+    ("" where Ray does not tell, as through some ray:// clients)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_session_name() or ""
+    except Exception:  # a Ray client connection may not carry it: the records then say nothing
+        return ""
+
+
 @contextlib.contextmanager
 def ledger_lock(timeout_seconds: float | None = None) -> Iterator[None]:
     """Serialise read-modify-write of boost records across every process of the cluster."""
