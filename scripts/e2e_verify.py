@@ -306,6 +306,7 @@ def grant_loop(until: str, out: str) -> None:
         except Exception as exc:  # recorded, judged by grants-durable
             outcomes.append({"asked": asked, "at": time.time(), "refused": f"{type(exc).__name__}: {exc}",
                              "clear": isinstance(exc, GridError)})
+            time.sleep(0.2)  # a refusal (no room, or the server restarting) is not worth asking again at once
             continue
         outcomes[-1]["release_asked"] = time.time()
         try:

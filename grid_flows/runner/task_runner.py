@@ -714,6 +714,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         from grid_flows.adapters.prefect.store import BoostStore
 
         last_refresh = time.monotonic()
+        failed_at = float("-inf")  # the last refresh that raised: a due boost then waits for the regular one
         with BoostStore() as store:
             while True:
                 with self._cond:
@@ -740,11 +741,13 @@ class BoostRayTaskRunner(RayTaskRunner):
                 _cancel(to_cancel)
                 if idle and time.monotonic() - self._published_at >= _PUBLISH_EVERY_SECONDS:
                     self.publish_placements()
+                due = due and time.monotonic() - failed_at > _REFRESH_SECONDS  # no retry storm on a failing API
                 if due or time.monotonic() - last_refresh > _REFRESH_SECONDS:
                     last_refresh = time.monotonic()
                     try:
                         self._refresh(store)
                     except Exception as exc:  # keep placing on the last known view
+                        failed_at = time.monotonic()
                         logger.warning("could not refresh boosts and node liveness: %s", exc)
 
     def _first_refresh(self) -> None:
