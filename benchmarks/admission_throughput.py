@@ -65,18 +65,27 @@ _PARTS = (("boost controller", "BoostController"), ("Ray workers", "ray::"), ("P
 
 
 def _part(cmdline: str) -> str:
-    return next((part for part, mark in _PARTS if mark in cmdline), "other (this driver, other sessions)")
+    return next((part for part, mark in _PARTS if mark in cmdline), "this driver (sampling)")
 
 
 def _cpu_by_process() -> dict[int, tuple[str, float]]:
-    """pid -> (part, CPU seconds so far) of every process this user can see."""
+    """pid -> (part, CPU seconds so far) of this run's processes: this driver and its descendants
+    (the Ray cluster with the controller, the Prefect server, the clients) and, when the server
+    uses PostgreSQL (``scripts/with-postgres.sh``, not a descendant), the ``postgres`` processes.
+    Other sessions' processes on the machine are left out."""
     import psutil
 
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    if "postgresql" in os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL", ""):
+        procs += [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
     seen = {}
-    for proc in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
-        times, cmdline = proc.info["cpu_times"], proc.info["cmdline"]
-        if times is not None:
-            seen[proc.info["pid"]] = (_part(" ".join(cmdline or [])), times.user + times.system)
+    for proc in procs:
+        try:
+            with proc.oneshot():
+                seen[proc.pid] = (_part(" ".join(proc.cmdline())), sum(proc.cpu_times()[:2]))
+        except psutil.Error:  # gone or not ours: it is not counted
+            continue
     return seen
 
 
@@ -125,6 +134,8 @@ def admission_throughput(address: str, clients: int = CLIENTS, seconds: float = 
             unnamed_for = {g: unnamed_for.get(g, 0) + 1 for g in groups - named}
             stale += sum(1 for n in unnamed_for.values() if n == 5)
             time.sleep(1.0)  # the sampling period
+        # The snapshots are taken up to one sampling period (1 s) after start and until, so the
+        # CPU window is ~60 s give or take 1 s against the grants counted over exactly 60 s.
         for p in procs:
             if p.wait(timeout=120) != 0:
                 raise RuntimeError(f"a client failed: {p.stderr.read().decode()[-800:]}")

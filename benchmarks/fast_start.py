@@ -20,7 +20,8 @@ Row 10f is the floor of 10a on this machine: the same six tasks in a fresh Ray j
 Prefect and no grid-flows, split ideally before they start (two on the head, four in a
 2-CPU placement group on gpu1, made before submission as a grant is). Each task first
 imports Prefect's task engine, which any worker running a Prefect task must load; the
-baseline imports nothing. No runner that runs Prefect tasks in Ray workers can beat it.
+baseline imports nothing. No runner that runs Prefect tasks in a fresh job's Ray workers,
+without workers started before the flow, can beat it.
 """
 
 from __future__ import annotations
@@ -116,11 +117,11 @@ def _floor(address: str, import_prefect: bool) -> dict:
     from grid_flows.adapters.ray import cluster as rc
 
     if ray.is_initialized():
-        ray.shutdown()
+        rc.shutdown()
     rc.connect(address)  # a fresh job: its workers start anew, as a flow run's do
     group = placement_group([{"CPU": 2}], strategy="STRICT_PACK", bundle_label_selector=[{rc.NODE_LABEL: "gpu1"}])
-    ray.get(group.ready(), timeout=60)
     try:
+        ray.get(group.ready(), timeout=60)
         remote = ray.remote(_floor_task)
         head = remote.options(num_cpus=1, label_selector={rc.NODE_LABEL: "gpu-master"})
         lent = remote.options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(group))
@@ -137,8 +138,10 @@ def _floor(address: str, import_prefect: bool) -> dict:
 def _one(run_flow, setup: float) -> dict:
     import ray
 
+    from grid_flows.adapters.ray import cluster as rc
+
     if ray.is_initialized():
-        ray.shutdown()  # the runner starts its own Ray job, as a flow run process does
+        rc.shutdown()  # the runner starts its own Ray job, as a flow run process does
     _MARKS.clear()
     called = time.time()
     out = run_flow(setup)

@@ -17,11 +17,13 @@ PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
 WORK="$(mktemp -d /tmp/grid-pg-XXXXXX)"
 PGDATA_DIR="$WORK/pg"
 stop_postgres() {
+    set +e  # clean up as much as can be, whatever failed
     [[ -f "$PGDATA_DIR/postmaster.pid" ]] && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w -t 20 stop >/dev/null 2>&1
     rm -rf "$WORK"
 }
 trap stop_postgres EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 PG_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 mkdir -p "$PGDATA_DIR" && chown postgres: "$WORK" "$PGDATA_DIR" && chmod 700 "$PGDATA_DIR"

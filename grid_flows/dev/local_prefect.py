@@ -46,7 +46,8 @@ def wait_healthy(api_url: str, timeout_seconds: float, proc: subprocess.Popen | 
 def local_prefect_server(
     home: str | Path, port: int | None = None, timeout_seconds: float = 90, log_file: str | Path | None = None
 ) -> Iterator[str]:
-    """Run ``prefect server start`` on loopback with its own PREFECT_HOME (SQLite); yield the API URL.
+    """Run ``prefect server start`` on loopback with its own PREFECT_HOME (SQLite unless
+    PREFECT_API_DATABASE_CONNECTION_URL is set); yield the API URL.
 
     ``PREFECT_API_URL`` is set for this process and its children while the context is
     open. The server's process group is stopped on exit.

@@ -3,7 +3,7 @@
 Each deployment runs at most one at a time; a run that comes due while the previous
 one still runs is cancelled (``CANCEL_NEW``). ``deployments/prefect.yaml`` declares the
 same flows, schedules and triggers (Automations) for a work pool; ``SCHEDULES`` and
-``TRIGGERS`` are the source, and a test holds the file (and the rebalance interval of
+``triggers()`` are the source, and a test holds the file (and the rebalance interval of
 ``blocks/cluster.yaml``) equal to them.
 
 Clusters sharing one Prefect server each serve their own: the deployments of a cluster other
@@ -59,14 +59,22 @@ def maintenance_deployments(interval_scale: float = 1.0, spec: ClusterSpec | Non
 
     ``grid-rebalance`` runs every ``resource_sharing.rebalance_interval_seconds`` of ``spec``
     (default: the saved cluster block, when there is one); the others on ``SCHEDULES``. The
-    deployments belong to ``spec``'s cluster (default: the one this process is set to).
+    deployments belong to the cluster this process is set to, the one their flow runs judge;
+    a ``spec`` of another cluster is refused rather than served under the wrong name.
     """
     from grid_flows.adapters.prefect.settings import GridSettings
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
+    from grid_flows.errors import InvalidRequest
+
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     intervals = {name: seconds for name, (_, seconds) in SCHEDULES.items()}
-    cluster = spec.name if spec is not None else GridSettings().cluster_block
+    cluster = GridSettings().cluster_block
+    if spec is not None and spec.name != cluster:
+        raise InvalidRequest(
+            f"the cluster spec is named {spec.name!r} but this process is set to cluster {cluster!r} "
+            "(PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK); the maintenance flows would judge the wrong boosts"
+        )
     spec = spec if spec is not None else _saved_cluster()
     if spec is not None:
         intervals["grid-rebalance"] = spec.resource_sharing.rebalance_interval_seconds

@@ -162,7 +162,7 @@ def _pressures(spec) -> dict:
 
     now = utcnow()
     try:
-        return placement_pressures(spec, load_history(now=now), now)
+        return placement_pressures(spec, load_history(spec.name, now=now), now)
     except Exception as exc:  # placing works without it: every node then reads as calm
         get_run_logger().warning("could not read the nodes' pressure from the metrics history: %s", exc)
         return {}

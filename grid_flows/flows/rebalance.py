@@ -102,7 +102,7 @@ def rebalance(
     with BoostStore() as store:
         spec = store.load_cluster()
         source = _metrics_source or RayProbeSource(timeout_seconds=probe_timeout_seconds)
-        collector = MetricsCollector(source, BlockHistoryStore(history))
+        collector = MetricsCollector(source, BlockHistoryStore(history or spec.name))
         now = utcnow()
         collector.load(now)
         readings = collector.collect([n.name for n in spec.nodes], now)

@@ -268,8 +268,6 @@ class BoostRayTaskRunner(RayTaskRunner):
         """An ``__enter__`` that failed half way leaves nothing behind: the controller watch, the
         holds on attached boosts, and the Ray connection the runner opened (a ``ray://`` client
         connection too); the boosts themselves stay the caller's."""
-        import ray
-
         with contextlib.suppress(Exception):
             with self._cond:
                 self._stopping = True
@@ -281,7 +279,7 @@ class BoostRayTaskRunner(RayTaskRunner):
                 self._hold(binding.boost.id, False)
         if getattr(self, "_owns_ray", False):
             with contextlib.suppress(Exception):
-                ray.shutdown()
+                rc.shutdown()
             self._owns_ray = False
         TaskRunner.__exit__(self, None, None, None)
 
@@ -297,6 +295,8 @@ class BoostRayTaskRunner(RayTaskRunner):
             self._stop_completions()
             self._stop_watching()
             self.publish_placements()
+        if getattr(self, "_owns_ray", False):
+            rc.collect_object_refs()  # prefect-ray's __exit__ shuts Ray down next
         super().__exit__(*exc_info)
 
     def submit(self, task, parameters: dict[str, Any], wait_for=None, dependencies=None):
@@ -471,7 +471,7 @@ class BoostRayTaskRunner(RayTaskRunner):
         from grid_flows.core.policy import busy_reason, placement_pressures
 
         now = utcnow()
-        history = load_history(now=now)
+        history = load_history(self._spec.name, now=now)
         pressures = placement_pressures(self._spec, history, now)
         busy = busy_reason(self._spec, history, self.target, now) \
             if self._sharing_mode is SharingMode.dynamic_balancing else ""

@@ -29,7 +29,7 @@ def lossy_cluster(grid):
     """
     from tests.conftest import TEST_CLUSTER
 
-    ray.shutdown()  # leave the session cluster for this test
+    rc.shutdown()  # leave the session cluster for this test
     with local_cluster.LocalCluster(parse_cluster(TEST_CLUSTER), fast_health_check=True) as cluster:
         yield cluster
     rc.connect(grid.address)

@@ -43,6 +43,7 @@ def test_the_work_pool_file_declares_exactly_the_maintenance_schedules():
         path, func = entry["entrypoint"].split(":")
         assert func == flow_fn.fn.__name__ and (root / path).resolve() == Path(flow_fn.fn.__code__.co_filename).resolve()
         assert entry.get("triggers", []) == triggers(name), name
+        assert "grid-cluster:default" in entry["tags"], name
     spec = load_cluster_file(root / "blocks" / "cluster.yaml")
     assert spec.resource_sharing.rebalance_interval_seconds == SCHEDULES["grid-rebalance"][1]
 
@@ -61,12 +62,16 @@ def test_a_lost_boost_runs_reconcile_through_an_automation():
     assert all(not d.triggers for d in maintenance_deployments(spec=spec) if d.name != "grid-reconcile")
 
 
-def test_another_clusters_deployments_and_automation_are_its_own():
+def test_another_clusters_deployments_and_automation_are_its_own(monkeypatch):
     # Two clusters serving maintenance on one server: their deployments must not replace each
     # other's, and one's Automation must not run on the other's lost boosts.
     from grid_flows.core.models import ClusterSpec
+    from grid_flows.errors import InvalidRequest
 
     spec = ClusterSpec.model_validate({"name": "lab", "nodes": [{"name": "head", "role": "head"}]})
+    with pytest.raises(InvalidRequest, match="named 'lab' but this process is set to cluster 'default'"):
+        maintenance_deployments(spec=spec)  # the flow runs would judge default's boosts
+    monkeypatch.setenv("PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK", "lab")
     deployments = maintenance_deployments(spec=spec)
     assert {d.name for d in deployments} == {f"{name}-lab" for name in SCHEDULES}
     assert all("grid-cluster:lab" in d.tags for d in deployments)

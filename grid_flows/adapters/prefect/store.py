@@ -401,7 +401,9 @@ class BoostStore:
             ) from None
         return GridCluster.model_validate(doc.data).to_spec(name=name)
 
-    def save_cluster(self, spec: ClusterSpec, name: str = DEFAULT_CLUSTER) -> UUID:
+    def save_cluster(self, spec: ClusterSpec, name: str | None = None) -> UUID:
+        """Save ``spec`` as the GridCluster block ``name`` (default: this store's cluster)."""
+        name = name or self.cluster
         _register(GridCluster)
         saved = GridCluster.from_spec(spec).save(name, overwrite=True, _sync=True)
         for listener in CLUSTER_SAVED_LISTENERS:

@@ -92,6 +92,25 @@ def connection_key() -> str:
     return f"{ctx.gcs_address}/{ctx.get_job_id()}"
 
 
+def collect_object_refs() -> None:
+    """Collect cyclic garbage now, before ``ray.shutdown()``: an ObjectRef freed by a garbage
+    collection that another thread happens to run while Ray shuts down reaches the stopped
+    core worker, and Ray then ends the whole process with exit code 1 ("The core worker has
+    already been shutdown"). Flows leave futures in reference cycles, so this is not rare."""
+    import gc
+
+    gc.collect()
+
+
+def shutdown() -> None:
+    """``ray.shutdown()``, with the race above made unlikely (garbage made during the shutdown
+    itself can still reach it; the race is Ray's)."""
+    import ray
+
+    collect_object_refs()
+    ray.shutdown()
+
+
 def session_name() -> str:
     """The connected Ray cluster's identity: its session name, new at each start of its head
     ("" where Ray does not tell, as through some ray:// clients)."""

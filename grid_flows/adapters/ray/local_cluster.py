@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from typing import Iterator
 
-from grid_flows.adapters.ray.cluster import NODE_LABEL, connect, quiet_ray_environment
+from grid_flows.adapters.ray.cluster import NODE_LABEL, connect, quiet_ray_environment, shutdown
 from grid_flows.adapters.ray.tokens import node_tokens
 from grid_flows.core.models import ClusterSpec, NodeSpec
 from grid_flows.errors import GridError
@@ -97,7 +97,7 @@ class LocalCluster:
         import ray
 
         if ray.is_initialized():
-            ray.shutdown()
+            shutdown()
         if self._cluster is not None:
             self._cluster.shutdown()
         for key, value in self._saved_env.items():
