@@ -70,7 +70,7 @@ def maintenance_deployments(interval_scale: float = 1.0, spec: ClusterSpec | Non
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     intervals = {name: seconds for name, (_, seconds) in SCHEDULES.items()}
     cluster = GridSettings().cluster_block
-    if spec is not None and spec.name != cluster:
+    if spec is not None and spec.name not in (cluster, DEFAULT_CLUSTER):  # a cluster file's spec is unnamed
         raise InvalidRequest(
             f"the cluster spec is named {spec.name!r} but this process is set to cluster {cluster!r} "
             "(PREFECT_INTEGRATIONS_GRID_CLUSTER_BLOCK); the maintenance flows would judge the wrong boosts"
